@@ -1,0 +1,57 @@
+"""grid_scan: the pLSTM recurrence on an N-D grid (N = 1: chunkwise linear RNN; N = 2: images; N = 3: volumes)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_backend, check_qkv, check_same_device, check_shape, compute_dtype
+from .chunk import grid_scan_torch
+from .naive import grid_scan_reference
+
+__all__ = ["grid_scan", "grid_scan_reference", "grid_scan_torch"]
+
+_BACKENDS = {"reference": grid_scan_reference, "torch": grid_scan_torch}
+
+
+def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):
+    r"""Scan an N-D grid from its origin corner with matrix-valued states on the grid's edges.
+
+    Args:
+        q, k: (B, *S, H, Dk); v: (B, *S, H, Dv).
+        source: (B, *S, H, N), S[p, a] weighs k_p v_p^T on the edge leaving p along axis a.
+        transition: (B, *S, H, N, N), T[p, a, b] carries the edge entering p along b onto the edge
+            leaving p along a.
+        mark: (B, *S, H, N), M[p, b] weighs the edge entering p along b in p's output.
+        direct: (B, *S, H) or None, weight of the position's own key/value.
+        scale: defaults to Dk ** -0.5.
+        backend: "auto", "reference" or "torch".
+
+    .. math::
+        C_a[p] = \sum_b T[p,a,b] C_b[p - e_b] + S[p,a] k_p v_p^\top, \qquad
+        y_p = \text{scale}\,\big(q_p^\top \sum_b M[p,b] C_b[p - e_b] + D_p (q_p \cdot k_p) v_p\big)
+
+    Returns y: (B, *S, H, Dv) in the dtype of v, accumulated in float32 (float64 for float64 inputs).
+    """
+    op = "grid_scan"
+    check_backend(op, backend)
+    check_qkv(op, q, k, v, "(B, *S, H, Dk)")
+    if q.dim() < 4:
+        raise ValueError(f"{op}: `q` must have shape (B, *S, H, Dk) with at least one spatial axis, got {tuple(q.shape)}")
+    batch, *sizes, heads, dk = q.shape
+    ndim = len(sizes)
+    lead = (batch, *sizes, heads)
+    check_shape(op, "source", source, (*lead, ndim), "(B, *S, H, N)")
+    check_shape(op, "transition", transition, (*lead, ndim, ndim), "(B, *S, H, N, N)")
+    check_shape(op, "mark", mark, (*lead, ndim), "(B, *S, H, N)")
+    if direct is not None:
+        check_shape(op, "direct", direct, lead, "(B, *S, H)")
+    check_same_device(op, q, source=source, transition=transition, mark=mark, direct=direct)
+    if v.numel() == 0 or q.numel() == 0:
+        return v.new_zeros(*lead, v.shape[-1])
+    scale = dk**-0.5 if scale is None else float(scale)
+
+    dtype = compute_dtype(q, source, transition, mark, direct)
+    args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
+    run = _BACKENDS["torch" if backend == "auto" else backend]
+    with torch.autocast(q.device.type, enabled=False):
+        return run(*args, scale).to(v.dtype)

@@ -1,0 +1,13 @@
+import os
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def generator(request):
+    """A fresh seed per test run (printed on failure through the test id's seed parameter or the log)."""
+    seed = int(os.environ.get("MDLRNN_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from mdlrnn.ops import lightnet_scan
+from mdlrnn.testing import relative_error
+
+MODES = ["global", "causal", "box"]
+
+
+def qkv(batch, sizes, heads, dk, dv, generator, dtype=torch.float64, spread=1.0):
+    randn = lambda *s: torch.randn(batch, *sizes, heads, *s, generator=generator, dtype=dtype)
+    return randn(dk), spread * randn(dk), randn(dv)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [(1,), (10,), (1, 1), (1, 6), (6, 1), (5, 7), (2, 3, 4)], ids=str)
+def test_torch_matches_reference(mode, sizes, generator):
+    leaves = [x.requires_grad_() for x in qkv(2, sizes, 2, 3, 4, generator)]
+    outs, grads = [], []
+    for backend in ("reference", "torch"):
+        y = lightnet_scan(*leaves, mode=mode, backend=backend)
+        weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * weight).sum(), leaves))
+    assert relative_error(outs[1], outs[0]) < 1e-12
+    for name, a, b in zip("qkv", grads[1], grads[0]):
+        assert relative_error(a, b) < 1e-12, name
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck(mode, generator):
+    leaves = [x.requires_grad_() for x in qkv(1, (3, 4), 2, 2, 3, generator)]
+    assert torch.autograd.gradcheck(lambda *xs: lightnet_scan(*xs, mode=mode, backend="torch"), leaves)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_logits_float32(mode, generator):
+    """Key logits spread over [-80, 80]: float32 stays finite and matches the float64 reference."""
+    q, _, v = qkv(2, (9, 11), 2, 8, 8, generator)
+    k = 160 * torch.rand(q.shape, generator=generator, dtype=torch.float64) - 80
+    ref = lightnet_scan(q, k, v, mode=mode, backend="reference")
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    out = lightnet_scan(*leaves, mode=mode, backend="torch")
+    assert torch.isfinite(out).all()
+    assert relative_error(out, ref) < 1e-5
+    out.square().sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+def test_causal_is_box_on_the_flattened_sequence(generator):
+    q, k, v = qkv(1, (4, 5), 2, 3, 3, generator)
+    causal = lightnet_scan(q, k, v, mode="causal")
+    flat = lambda x: x.reshape(1, 20, 2, 3)
+    box = lightnet_scan(flat(q), flat(k), flat(v), mode="box").reshape(causal.shape)
+    assert relative_error(causal, box) < 1e-14
+
+
+def test_bfloat16(generator):
+    q, k, v = (x.bfloat16() for x in qkv(1, (8, 8), 2, 16, 16, generator))
+    ref = lightnet_scan(q.double(), k.double(), v.double(), mode="box", backend="reference")
+    out = lightnet_scan(q, k, v, mode="box")
+    assert out.dtype == torch.bfloat16 and relative_error(out, ref) < 1e-2
