@@ -1,94 +1,131 @@
 """Parallel PyTorch grid scan: tiles with an intra-tile transfer matrix and border states passed between tiles.
 
 Inside a tile every state is a linear function of the tile's own keys/values and of the states on the
-border edges entering it. A scalar wavefront over the tile's hyperplanes computes those weights
-(phi, one vector of length P_t + E per edge, for all tiles at once); everything with Dk x Dv states is
+border edges entering it. Those scalar weights (phi, one row of length P_t + E per edge) solve one unit
+lower-triangular system over the tile's edges, for all tiles at once. Everything with Dk x Dv states is
 then a few batched matrix products:
 
     y_intra  = (G_local * Q K^T) V                      the masked, quadratic form inside a tile
     C_exit   = phi_exit,local K (x) V + phi_exit,border C_enter
     y_border = q_p^T sum_j G[p, j] C_enter,j
 
-and the only loop with matrix states runs over the tile grid's hyperplanes. Memory stays linear in the
-number of positions; autograd differentiates every step.
+and the only loop runs over the tile grid's hyperplanes, as one autograd op whose backward is the
+adjoint scan. Memory stays linear in the number of positions.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .plan import TilePlan, tile_plan
 
 
 def _to_tiles(x: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
-    """(B, P, H, F) -> (B * H * T, P_t, F), tiles and positions in wavefront order, padding zero."""
+    """(B, P, H, F) -> (T * B * H, P_t, F): tiles outermost in wavefront order, positions row-major inside."""
     features = x.shape[-1]
-    x = F.pad(x, (0, 0, 0, 0, 0, 1)).index_select(1, plan.gather)
-    x = x.view(batch, plan.num_tiles, plan.tile_size, heads, features).permute(0, 3, 1, 2, 4)
-    return x.reshape(batch * heads * plan.num_tiles, plan.tile_size, features)
+    x = x.index_select(1, plan.gather)
+    x = x.view(batch, plan.num_tiles, plan.tile_size, heads, features).permute(1, 0, 3, 2, 4)
+    return x.reshape(plan.num_tiles * batch * heads, plan.tile_size, features)
 
 
 def _from_tiles(y: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
-    """(B * H * T, P_t, F) -> (B, P, H, F), padding dropped."""
+    """(T * B * H, P_t, F) -> (B, P, H, F), padding dropped."""
     features = y.shape[-1]
-    y = y.view(batch, heads, plan.num_tiles, plan.tile_size, features).permute(0, 2, 3, 1, 4)
+    y = y.view(plan.num_tiles, batch, heads, plan.tile_size, features).permute(1, 0, 3, 2, 4)
     return y.reshape(batch, plan.num_tiles * plan.tile_size, heads, features).index_select(1, plan.scatter)
 
 
-def _entering(prev: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
-    """Gather the states entering a hyperplane from the previous one's (R, L, ..., F) states."""
-    flat = prev.flatten(1, -2)
-    flat = F.pad(flat, (0, 0, 0, 1))  # the zero row for edges from outside
-    return flat.index_select(1, rows).view(shape)
-
-
-def _split(x: torch.Tensor, steps, dim: int = 1) -> tuple[torch.Tensor, ...]:
-    """Per-step views along dim 1; one split (whose backward is one cat) instead of a slice per step,
-    whose backward would write a full-size zero gradient every step."""
-    return torch.split(x, [step.stop - step.start for step in steps], dim=dim)
-
-
 def _transfer(plan: TilePlan, source, transition, mark):
-    """Scalar wavefront inside the tiles: phi (R, P_t, N, P_t + E) and G (R, P_t, P_t + E).
+    """phi (R, P_t, N, P_t + E) and G (R, P_t, P_t + E) for every tile.
 
     phi[p, a] weighs each local source and each entering border edge in the state leaving p along a;
-    G[p] weighs them in the marked sum that q_p reads.
+    G[p] weighs them in the marked sum that q_p reads. With edges in row-major order the recurrence
+    phi = L phi + rhs is unit lower-triangular: phi = (I - L)^-1 rhs, one batched solve.
     """
-    rows, ndim = source.shape[0], source.shape[-1]
-    width = plan.tile_size + plan.num_border
-    steps = plan.inside
-    entries = _split(plan.entry.to(source.dtype), steps, dim=0)
-    owns = _split(plan.own.to(source.dtype), steps, dim=0)
-    phis, marks, prev = [], [], None
-    for step, s, t, m, entry, own in zip(
-        steps, _split(source, steps), _split(transition, steps), _split(mark, steps), entries, owns
-    ):
-        shape = (rows, step.stop - step.start, ndim, width)
-        incoming = entry.expand(shape) if prev is None else _entering(prev, step.rows, shape) + entry
-        prev = torch.addcmul(t @ incoming, s[..., None], own)
-        phis.append(prev)
-        marks.append((m[:, :, None, :] @ incoming).squeeze(-2))
-    return torch.cat(phis, 1), torch.cat(marks, 1)
+    rows, size, ndim = source.shape[0], plan.tile_size, source.shape[-1]
+    edges, width = size * ndim, size + plan.num_border
+    gates = torch.cat([source.flatten(1), transition.flatten(1), mark.flatten(1), -transition.flatten(1)], 1)
+    dense = gates.new_zeros(rows, sum(plan.sections))
+    dense.index_copy_(1, plan.gates.target, gates.index_select(1, plan.gates.source))
+    neg_lower, rhs, mark_lower, mark_border = dense.split(plan.sections, 1)
+    # unitriangular: the diagonal (zero here) is taken as one, giving I - lower
+    phi = torch.linalg.solve_triangular(
+        neg_lower.view(rows, edges, edges), rhs.view(rows, edges, width), upper=False, unitriangular=True
+    )
+    # G = M_lower phi + M_border: marks of inner edges read phi, marks of border edges their own column
+    weights = torch.baddbmm(mark_border.view(rows, size, width), mark_lower.view(rows, size, edges), phi)
+    return phi.view(rows, size, ndim, width), weights
 
 
-def _across_tiles(plan: TilePlan, exit_local, exit_border, groups: int) -> torch.Tensor:
+@lru_cache(maxsize=256)
+def _entering_rows(plan: TilePlan, groups: int, border: int) -> tuple[torch.Tensor | None, ...]:
+    """Per step, the row of each entering border state (tile, group, edge) in the flattened exit states of
+    all tiles, whose last row (index T * G * E) stays zero for edges entering from outside the grid."""
+    zero_row = plan.num_tiles * groups * border
+    rows, prev_start = [], 0
+    for step in plan.across:
+        if step.start == 0:
+            rows.append(None)
+        else:
+            tile = step.from_tile + prev_start  # (L, E) wavefront rank of the source tile, or < prev_start
+            group = torch.arange(groups, device=tile.device)[None, :, None]
+            edge = torch.arange(border, device=tile.device)
+            flat = (tile[:, None, :] * groups + group) * border + edge
+            rows.append(torch.where(step.from_tile[:, None, :] >= 0, flat, zero_row).reshape(-1))
+        prev_start = step.start
+    return tuple(rows)
+
+
+class AcrossTiles(torch.autograd.Function):
     """Border states entering every tile: C_exit = A C_enter + U, tile hyperplane after hyperplane.
 
-    exit_local: (G, T, E, Dk * Dv) the U term; exit_border: (G, T, E, E) the A term.
-    Returns (G, T, E, Dk * Dv).
+    exit_local: (T, G, E, F) the U term; exit_border: (T, G, E, E) the A term. Returns C_enter (T, G, E, F).
+    Written as one op with the adjoint scan as its backward, so states live in two buffers instead of
+    per-step autograd nodes: dC_enter += A^T dC_exit, scattered back to the exits it was gathered from.
     """
-    entering, prev = [], None
-    _, _, border, width = exit_local.shape
-    steps = plan.across
-    for step, local, through in zip(steps, _split(exit_local, steps), _split(exit_border, steps)):
-        shape = (groups, step.stop - step.start, border, width)
-        c_in = exit_local.new_zeros(shape) if prev is None else _entering(prev, step.rows, shape)
-        prev = through @ c_in + local
-        entering.append(c_in)
-    return torch.cat(entering, 1)
+
+    @staticmethod
+    def forward(ctx, exit_local, exit_border, plan):
+        tiles, groups, border, features = exit_local.shape
+        all_rows = _entering_rows(plan, groups, border)
+        # every exit row is written before it is read; only the zero row and the first hyperplane's
+        # entering states (nothing enters them) need clearing
+        exits = exit_local.new_empty(tiles * groups * border + 1, features)
+        exits[-1].zero_()
+        entering = torch.empty_like(exit_local)
+        for step, rows in zip(plan.across, all_rows):
+            span = slice(step.start, step.stop)
+            if rows is None:
+                entering[span].zero_()
+            else:
+                torch.index_select(exits, 0, rows, out=entering[span].view(-1, features))
+            out = exits[step.start * groups * border : step.stop * groups * border].view(-1, border, features)
+            torch.baddbmm(exit_local[span].flatten(0, 1), exit_border[span].flatten(0, 1), entering[span].flatten(0, 1), out=out)
+        ctx.save_for_backward(exit_border, entering)
+        ctx.plan = plan
+        return entering
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_entering):
+        exit_border, entering = ctx.saved_tensors
+        tiles, groups, border, features = entering.shape
+        all_rows = _entering_rows(ctx.plan, groups, border)
+        d_exits = entering.new_zeros(tiles * groups * border + 1, features)
+        for step, rows in zip(reversed(ctx.plan.across), reversed(all_rows)):
+            if rows is None:
+                continue
+            span = slice(step.start, step.stop)
+            d_out = d_exits[step.start * groups * border : step.stop * groups * border].view(-1, border, features)
+            d_in = torch.baddbmm(d_entering[span].flatten(0, 1), exit_border[span].flatten(0, 1).transpose(1, 2), d_out)
+            d_exits.index_add_(0, rows, d_in.view(-1, features))
+        d_local = d_exits[:-1].view_as(entering)
+        d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
+        return d_local, d_border.view_as(exit_border), None
 
 
 def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> torch.Tensor:
@@ -97,29 +134,28 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> 
     plan = tile_plan(tuple(sizes), q.device)
     num_positions, tile_size = math.prod(sizes), plan.tile_size
 
-    def tiles(x, features):
-        return _to_tiles(x.reshape(batch, num_positions, heads, features), plan, batch, heads)
-
-    q_t, k_t, v_t = tiles(q, dk), tiles(k, dk), tiles(v, dv)
-    s_t, m_t = tiles(source, ndim), tiles(mark, ndim)
-    t_t = tiles(transition, ndim * ndim).unflatten(-1, (ndim, ndim))
+    # one gather for all per-position inputs
+    features = (dk, dk, dv, ndim, ndim, ndim * ndim)
+    inputs = torch.cat([x.reshape(batch, num_positions, heads, -1) for x in (q, k, v, source, mark, transition)], -1)
+    q_t, k_t, v_t, s_t, m_t, t_t = _to_tiles(inputs, plan, batch, heads).split(features, -1)
+    t_t = t_t.unflatten(-1, (ndim, ndim))
 
     phi, weights = _transfer(plan, s_t, t_t, m_t)
     y = (weights[..., :tile_size] * (q_t @ k_t.transpose(-1, -2))) @ v_t
 
     if plan.num_tiles > 1:
-        groups, border = batch * heads, plan.num_border
+        tiles_by_group, border = (plan.num_tiles, batch * heads), plan.num_border
         exits = phi.flatten(1, 2).index_select(1, plan.exits)  # (R, E, P_t + E)
-        # sum_s phi[e, s] k_s v_s^T as K^T (phi_e * V): no (R, P_t, Dk, Dv) outer products
-        exit_local = k_t.transpose(-1, -2)[:, None] @ (exits[..., :tile_size, None] * v_t[:, None])
-        c_in = _across_tiles(
+        # sum_s phi[e, s] k_s v_s^T = (phi_e * K^T) V, all e in one product: (R, E * Dk, P_t) @ (R, P_t, Dv)
+        weighted_keys = exits[..., None, :tile_size] * k_t.transpose(1, 2)[:, None]
+        exit_local = weighted_keys.reshape(-1, border * dk, tile_size) @ v_t
+        c_in = AcrossTiles.apply(
+            exit_local.reshape(*tiles_by_group, border, dk * dv),
+            exits[..., tile_size:].reshape(*tiles_by_group, border, border),
             plan,
-            exit_local.reshape(groups, plan.num_tiles, border, dk * dv),
-            exits[..., tile_size:].reshape(groups, plan.num_tiles, border, border),
-            groups,
-        ).reshape(-1, border, dk, dv)
-        q_c = q_t[:, None] @ c_in  # (R, E, P_t, Dv): q_p^T C_j
-        y = y + (weights[..., tile_size:].transpose(1, 2)[..., None] * q_c).sum(1)
+        ).view(-1, border, dk, dv)
+        q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)  # q_p^T C_j for all j: (R, P_t, E * Dv)
+        y = y + (weights[..., tile_size:, None] * q_c.view(-1, tile_size, border, dv)).sum(2)
 
     y = _from_tiles(y, plan, batch, heads).reshape(batch, *sizes, heads, dv)
     if direct is not None:

@@ -69,33 +69,50 @@ def tile_shape(sizes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(min(s, edge) for s in sizes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: a cache key for per-step index tensors
 class Step:
-    """Index tensors for one hyperplane of a scan whose state rows come from the previous hyperplane.
+    """One hyperplane of the scan across tiles: tiles start:stop of the wavefront order.
 
-    rows:   (L * R,) row of each entering state in the previous hyperplane's flattened states, or the
-            index of an appended zero row where nothing enters
+    from_tile: (L, E) rank, in the previous hyperplane, of the tile that border edge j of each tile comes
+               from (the tile before along j's axis), or -1 where j enters from outside the grid
     """
 
     start: int
     stop: int
-    rows: Tensor | None
+    from_tile: Tensor
+
 
 
 @dataclass(frozen=True)
-class TilePlan:
-    """Tiles of shape `tile` cover the grid (the last ones padded); tiles and the positions inside them are
-    both taken in wavefront order.
+class Placement:
+    """Where gate values go in a dense matrix: matrix.view(-1)[target] = gates.view(-1)[source]."""
 
-    gather:  (T * P_t,) flat grid index of each (tile, position); prod(sizes) marks padding
+    source: Tensor
+    target: Tensor
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: a cache key for per-plan index tensors
+class TilePlan:
+    """Tiles of shape `tile` cover the grid (the last ones padded). Tiles are taken in wavefront order,
+    positions inside a tile in row-major order (a topological order of the tile's edges).
+
+    Inside a tile, edge (p, a) is row p * N + a of a unit lower-triangular system over the K = P_t * N edges,
+    whose right-hand side has one column per source: the P_t positions, then the E entering border edges.
+
+    gather:  (T * P_t,) flat grid index of each (tile, position); padding points at position 0, whose
+             copies can reach no real position (paths only increase coordinates)
     scatter: (prod(sizes),) index into the (tile, position) layout of each grid position
-    inside:  steps over a tile's hyperplanes; a state row is (position, axis)
-    entry:   (P_t, N, P_t + E) one-hot of the border edge entering (p, b) where p_b == 0, else zero
-    own:     (P_t, 1, P_t + E) one-hot of the position itself (its column as a source)
+    gates:   where the gates [S, T, M, -T] (flattened per tile) go in four dense matrices, flattened one
+             after the other (their sizes are `sections`):
+               -lower (K, K):       -T[p, a, b] at (p * N + a, (p - e_b) * N + b) for p_b > 0
+               rhs (K, P_t + E):     S[p, a] at (p * N + a, p); T[p, a, b] at (p * N + a, P_t + border(p, b))
+                                     for p_b == 0
+               mark_lower (P_t, K):  M[p, b] at (p, (p - e_b) * N + b) for p_b > 0
+               mark_border (P_t, P_t + E): M[p, b] at (p, P_t + border(p, b)) for p_b == 0
     exits:   (E,) rows (position * N + axis) of the edges leaving a tile, block by axis, each block in the
-             row-major order of the face; entering border edges use the same order, so exit row j of tile
-             t - e_b feeds border edge j of tile t
-    across:  steps over the tile grid's hyperplanes; a state row is (tile, border edge)
+             row-major order of the face; border edges use the same order, so exit j of tile t - e_b
+             feeds border edge j of tile t
+    across:  steps over the tile grid's hyperplanes
     """
 
     tile: tuple[int, ...]
@@ -103,9 +120,8 @@ class TilePlan:
     num_border: int
     gather: Tensor
     scatter: Tensor
-    inside: tuple[Step, ...]
-    entry: Tensor
-    own: Tensor
+    gates: Placement
+    sections: tuple[int, int, int, int]
     exits: Tensor
     across: tuple[Step, ...]
 
@@ -114,73 +130,74 @@ class TilePlan:
         return math.prod(self.tile)
 
 
-def _steps(front: Wavefront, row_of) -> tuple[Step, ...]:
-    """row_of(prev_rank, valid) -> (L, R) rows into the previous hyperplane's flattened (rank, R) states."""
-    steps = []
-    for d, (start, stop) in enumerate(front.steps()):
-        if d == 0:
-            steps.append(Step(start, stop, None))
-            continue
-        prev_len = front.bounds[d] - front.bounds[d - 1]
-        rows = row_of(front.pred[start:stop], prev_len)
-        steps.append(Step(start, stop, rows.reshape(-1)))
-    return tuple(steps)
+def _intra_tile(tile: tuple[int, ...]):
+    """Where each gate goes in a tile's dense matrices (see TilePlan.gates), the exit rows and E."""
+    ndim, size = len(tile), math.prod(tile)
+    edges = size * ndim
+    face = [size // c for c in tile]
+    offsets = [sum(face[:b]) for b in range(ndim)]
+    width = size + sum(face)
+    # gate values [S, T, M, -T], each flattened row-major over (position, axes)
+    s_at, t_at, m_at, neg_t_at = 0, edges, edges + edges * ndim, 2 * edges + edges * ndim
+    # matrices [-lower (K, K) | rhs (K, W) | mark_lower (P_t, K) | mark_border (P_t, W)], flattened
+    lower_at, rhs_at = 0, edges * edges
+    mark_lower_at = rhs_at + edges * width
+    mark_border_at = mark_lower_at + size * edges
+    coords = coordinates(tile)
+    strides = row_major_strides(tile)
+    sources, targets = [], []
+
+    def put(source, target):
+        sources.append(source)
+        targets.append(target)
+
+    every = torch.arange(size)
+    for b in range(ndim):
+        inside = coords[:, b] > 0
+        p = inside.nonzero().squeeze(1)
+        before = p - strides[b]
+        on_face = (~inside).nonzero().squeeze(1)
+        border = offsets[b] + torch.arange(on_face.numel())  # row-major order of the face
+        put(m_at + p * ndim + b, mark_lower_at + p * edges + before * ndim + b)
+        put(m_at + on_face * ndim + b, mark_border_at + on_face * width + size + border)
+        for a in range(ndim):
+            put(neg_t_at + p * ndim * ndim + a * ndim + b, lower_at + (p * ndim + a) * edges + before * ndim + b)
+            put(t_at + on_face * ndim * ndim + a * ndim + b, rhs_at + (on_face * ndim + a) * width + size + border)
+        put(s_at + every * ndim + b, rhs_at + (every * ndim + b) * width + every)
+    gates = Placement(torch.cat(sources), torch.cat(targets))
+    exits = [(coords[:, a] == tile[a] - 1).nonzero().squeeze(1) * ndim + a for a in range(ndim)]
+    return gates, (edges * edges, edges * width, size * edges, size * width), torch.cat(exits), sum(face)
 
 
 @lru_cache(maxsize=64)
 def tile_plan(sizes: tuple[int, ...], device: torch.device) -> TilePlan:
-    ndim = len(sizes)
     tile = tile_shape(sizes)
     counts = tuple(math.ceil(s / c) for s, c in zip(sizes, tile))
-    num_positions, tile_size, num_tiles = math.prod(sizes), math.prod(tile), math.prod(counts)
+    num_positions, num_tiles = math.prod(sizes), math.prod(counts)
 
-    inside, across = wavefront(tile), wavefront(counts)
-    local = coordinates(tile)[inside.order]  # (P_t, N) in wavefront order
+    across = wavefront(counts)
     corner = coordinates(counts)[across.order] * torch.tensor(tile)
-    where = corner[:, None, :] + local[None]  # (T, P_t, N)
-    in_grid = (where < torch.tensor(sizes)).all(-1)
-    flat = (where * torch.tensor(row_major_strides(sizes))).sum(-1)
-    gather = torch.where(in_grid, flat, num_positions).reshape(-1)
+    where = corner[:, None, :] + coordinates(tile)[None]  # (T, P_t, N)
+    in_grid = (where < torch.tensor(sizes)).all(-1).reshape(-1)
+    flat = (where * torch.tensor(row_major_strides(sizes))).sum(-1).reshape(-1)
+    gather = torch.where(in_grid, flat, 0)
     scatter = torch.empty(num_positions, dtype=torch.long)
-    scatter[gather[in_grid.reshape(-1)]] = torch.arange(gather.numel())[in_grid.reshape(-1)]
+    scatter[flat[in_grid]] = torch.arange(flat.numel())[in_grid]
 
-    # Border edges: for each axis b the face p_b == 0 of a tile, in the face's row-major order.
-    face = [tile_size // c for c in tile]
-    offsets = [sum(face[:b]) for b in range(ndim)]
-    num_border = sum(face)
-    rank_rm = torch.empty(tile_size, dtype=torch.long)
-    rank_rm[inside.order] = torch.arange(tile_size)
-    local_rm = coordinates(tile)
-    entry = torch.zeros(tile_size, ndim, tile_size + num_border)
-    exits = []
-    for b in range(ndim):
-        on_entry_face = (local_rm[:, b] == 0).nonzero().squeeze(1)
-        entry[rank_rm[on_entry_face], b, tile_size + offsets[b] + torch.arange(face[b])] = 1.0
-        on_exit_face = (local_rm[:, b] == tile[b] - 1).nonzero().squeeze(1)
-        exits.append(rank_rm[on_exit_face] * ndim + b)
-    own = torch.zeros(tile_size, 1, tile_size + num_border)
-    own[torch.arange(tile_size), 0, torch.arange(tile_size)] = 1.0
+    gates, sections, exits, num_border = _intra_tile(tile)
+    face = torch.tensor([math.prod(tile) // c for c in tile])
+    axis_of_border = torch.repeat_interleave(torch.arange(len(tile)), face)
+    steps = [Step(start, stop, across.pred[start:stop][:, axis_of_border].to(device)) for start, stop in across.steps()]
 
-    def position_rows(pred, prev_len):  # rows (rank * N + b) of the state entering along b
-        return torch.where(pred >= 0, pred * ndim + torch.arange(ndim), prev_len * ndim)
-
-    axis_of_border = torch.repeat_interleave(torch.arange(ndim), torch.tensor(face))
-
-    def border_rows(pred, prev_len):  # rows (tile rank * E + j) of border edge j, from the tile before along its axis
-        from_tile = pred[:, axis_of_border]  # (L, E)
-        return torch.where(from_tile >= 0, from_tile * num_border + torch.arange(num_border), prev_len * num_border)
-
-    to = dict(device=device)
-    move = lambda steps: tuple(Step(s.start, s.stop, None if s.rows is None else s.rows.to(**to)) for s in steps)
+    move = lambda p: Placement(p.source.to(device), p.target.to(device))
     return TilePlan(
         tile=tile,
         num_tiles=num_tiles,
         num_border=num_border,
-        gather=gather.to(**to),
-        scatter=scatter.to(**to),
-        inside=move(_steps(inside, position_rows)),
-        entry=entry.to(**to),
-        own=own.to(**to),
-        exits=torch.cat(exits).to(**to),
-        across=move(_steps(across, border_rows)),
+        gather=gather.to(device),
+        scatter=scatter.to(device),
+        gates=move(gates),
+        sections=sections,
+        exits=exits.to(device),
+        across=tuple(steps),
     )
