@@ -1,7 +1,8 @@
 """Torch backend vs the step-by-step reference on the CPU: forward and forward+backward time.
 
 Cases: 32x32 grids (grid_scan) and a batch of 128 molecule-sized DAGs (~25 nodes each, dag_scan).
-Prints a table and writes JSON.
+Three timings each: inference (forward under no_grad), forward (of a training step: inputs require grad,
+so the reference records its autograd graph) and forward+backward. Prints a table and writes JSON.
 
     python benchmarks/scan_cpu.py [--repeats 10] [--out benchmarks/results/scan_cpu.json]
 """
@@ -49,19 +50,27 @@ def seconds(fn, repeats: int) -> float:
     return min(times)
 
 
-def measure(scan, inputs: dict, backend: str, repeats: int, **kwargs) -> tuple[float, float]:
+def measure(scan, inputs: dict, backend: str, repeats: int, **kwargs) -> dict[str, float]:
+    """Inference forward (no_grad), training forward (inputs require grad) and forward+backward."""
     leaves = {k: v.requires_grad_() for k, v in inputs.items() if v is not None}
 
-    def forward():
+    def inference():
         with torch.no_grad():
             scan(**inputs, backend=backend, **kwargs)
+
+    def training_forward():
+        scan(**inputs, backend=backend, **kwargs)
 
     def forward_backward():
         scan(**inputs, backend=backend, **kwargs).square().mean().backward()
         for x in leaves.values():
             x.grad = None
 
-    return seconds(forward, repeats), seconds(forward_backward, repeats)
+    return dict(
+        inference=seconds(inference, repeats),
+        forward=seconds(training_forward, repeats),
+        forward_backward=seconds(forward_backward, repeats),
+    )
 
 
 def cases(seed: int):
@@ -88,18 +97,18 @@ def main():
     kept = False if args.glibc_default else keep_freed_memory()
 
     rows = []
-    header = f"{'case':<72} {'ref fwd':>9} {'torch fwd':>10} {'x':>6} {'ref f+b':>9} {'torch f+b':>10} {'x':>6}"
+    columns = ("inference", "forward", "forward_backward")
+    header = f"{'case':<66}" + "".join(f"{name + ' ref':>24}{'torch':>10}{'x':>6}" for name in columns)
     print(header)
     print("-" * len(header))
     for name, scan, inputs, kwargs in cases(args.seed):
-        ref_f, ref_fb = measure(scan, inputs, "reference", args.reference_repeats, **kwargs)
-        fast_f, fast_fb = measure(scan, inputs, "torch", args.repeats, **kwargs)
-        row = dict(case=name, reference_forward_s=ref_f, torch_forward_s=fast_f, reference_forward_backward_s=ref_fb,
-                   torch_forward_backward_s=fast_fb, speedup_forward=ref_f / fast_f, speedup_forward_backward=ref_fb / fast_fb)
+        reference = measure(scan, inputs, "reference", args.reference_repeats, **kwargs)
+        fast = measure(scan, inputs, "torch", args.repeats, **kwargs)
+        row = dict(case=name, reference_s=reference, torch_s=fast, speedup={c: reference[c] / fast[c] for c in columns})
         rows.append(row)
         print(
-            f"{name:<72} {ref_f * 1e3:8.1f}ms {fast_f * 1e3:9.2f}ms {ref_f / fast_f:5.0f}x "
-            f"{ref_fb * 1e3:8.1f}ms {fast_fb * 1e3:9.2f}ms {ref_fb / fast_fb:5.0f}x"
+            f"{name:<66}"
+            + "".join(f"{reference[c] * 1e3:22.1f}ms{fast[c] * 1e3:8.2f}ms{reference[c] / fast[c]:5.0f}x" for c in columns)
         )
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), processor=platform.processor() or platform.machine(),
                 date=time.strftime("%Y-%m-%d"), glibc_keeps_freed_memory=kept)

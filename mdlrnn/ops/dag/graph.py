@@ -79,6 +79,13 @@ class DAG:
         self.edge_order, self.edge_bounds = _group(self.edge_level, num_levels)
         self.line_by_out, self.line_out_bounds = _group(self.edge_level[line_edges[1]], num_levels)
         self.line_by_in, self.line_in_bounds = _group(self.edge_level[line_edges[0]], num_levels)
+        self._derived = {}
+
+    def derived(self, key, build):
+        """A structure computed from this DAG once and kept with it (backends cache their schedules here)."""
+        if key not in self._derived:
+            self._derived[key] = build(self)
+        return self._derived[key]
 
     @classmethod
     def from_edge_index(cls, edge_index: Tensor, num_nodes: int) -> "DAG":
@@ -135,6 +142,7 @@ class DAG:
         moved = object.__new__(DAG)
         for name, value in vars(self).items():
             setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
+        moved._derived = {}
         return moved
 
     def reverse(self) -> "DAG":

@@ -44,10 +44,10 @@ def _unsort(sorted_values: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 class DagScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, source, transition, mark, direct, graph, scale):
-        plan = _Schedule(graph)
+        plan = graph.derived(_Schedule, _Schedule)
         heads, dk, dv = q.shape[1], q.shape[2], v.shape[2]
-        s_sorted = source[plan.order]
-        t_fwd = transition[plan.fwd_lines]
+        s_sorted = source.index_select(0, plan.order)
+        t_fwd = transition.index_select(0, plan.fwd_lines)
         k_src = (s_sorted[..., None] * k.index_select(0, plan.src))[..., :, None]  # S_e k_u
         v_src = v.index_select(0, plan.src)[..., None, :]
         states = q.new_empty(graph.num_edges, heads, dk, dv)
@@ -60,7 +60,7 @@ class DagScan(torch.autograd.Function):
 
         # products with (Dk, Dv) states as broadcast multiply-sums: faster than batches of tiny matmuls
         read = (q.index_select(0, plan.dst)[..., :, None] * states).sum(-2)  # q_n^T C_e: (E, H, Dv)
-        y = torch.zeros_like(v).index_add_(0, plan.dst, mark[plan.order][..., None] * read)
+        y = torch.zeros_like(v).index_add_(0, plan.dst, mark.index_select(0, plan.order)[..., None] * read)
         if direct is not None:
             y = y + direct[..., None] * (q * k).sum(-1, keepdim=True) * v
         ctx.save_for_backward(q, k, v, source, transition, mark, direct, states)
@@ -72,9 +72,9 @@ class DagScan(torch.autograd.Function):
     def backward(ctx, dy):
         q, k, v, source, transition, mark, direct, states = ctx.saved_tensors
         plan, g = ctx.plan, ctx.scale * dy
-        s_sorted, m_sorted = source[plan.order], mark[plan.order]
+        s_sorted, m_sorted = source.index_select(0, plan.order), mark.index_select(0, plan.order)
         q_dst, g_dst = q.index_select(0, plan.dst), g.index_select(0, plan.dst)
-        t_bwd = transition[plan.bwd_lines]
+        t_bwd = transition.index_select(0, plan.bwd_lines)
 
         adjoint = m_sorted[..., None, None] * q_dst[..., :, None] * g_dst[..., None, :]
         d_t = torch.empty_like(t_bwd)

@@ -25,7 +25,7 @@ from .plan import TilePlan, tile_plan
 
 
 def _to_tiles(x: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
-    """(B, P, H, F) -> (T * B * H, P_t, F): tiles outermost in wavefront order, positions row-major inside."""
+    """(B, P, H, F) -> (T * B * H, P_t, F): tiles outermost; tiles and positions inside in wavefront order."""
     features = x.shape[-1]
     x = x.index_select(1, plan.gather)
     x = x.view(batch, plan.num_tiles, plan.tile_size, heads, features).permute(1, 0, 3, 2, 4)
@@ -39,23 +39,32 @@ def _from_tiles(y: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torc
     return y.reshape(batch, plan.num_tiles * plan.tile_size, heads, features).index_select(1, plan.scatter)
 
 
-def _transfer(plan: TilePlan, source, transition, mark):
+def _transfer(plan: TilePlan, source, transition, mark, direct):
     """phi (R, P_t, N, P_t + E) and G (R, P_t, P_t + E) for every tile.
 
     phi[p, a] weighs each local source and each entering border edge in the state leaving p along a;
-    G[p] weighs them in the marked sum that q_p reads. With edges in row-major order the recurrence
-    phi = L phi + rhs is unit lower-triangular: phi = (I - L)^-1 rhs, one batched solve.
+    G[p] weighs them in the marked sum that q_p reads, and G[p, p] = D[p] (direct may be None). phi = L phi + rhs is unit lower-triangular and L
+    links consecutive hyperplanes only: phi_d = rhs_d + L_d phi_{d-1}, one batched product per hyperplane
+    (one triangular solve for long 1D chunks).
     """
     rows, size, ndim = source.shape[0], plan.tile_size, source.shape[-1]
     edges, width = size * ndim, size + plan.num_border
-    gates = torch.cat([source.flatten(1), transition.flatten(1), mark.flatten(1), -transition.flatten(1)], 1)
+    gates = [source.flatten(1), transition.flatten(1), mark.flatten(1)]
+    placement = plan.gates if direct is None else plan.gates_direct
+    gates = torch.cat(gates if direct is None else [*gates, direct.flatten(1)], 1)
     dense = gates.new_zeros(rows, sum(plan.sections))
-    dense.index_copy_(1, plan.gates.target, gates.index_select(1, plan.gates.source))
-    neg_lower, rhs, mark_lower, mark_border = dense.split(plan.sections, 1)
-    # unitriangular: the diagonal (zero here) is taken as one, giving I - lower
-    phi = torch.linalg.solve_triangular(
-        neg_lower.view(rows, edges, edges), rhs.view(rows, edges, width), upper=False, unitriangular=True
-    )
+    dense.index_copy_(1, placement.target, gates.index_select(1, placement.source))
+    *lower, rhs, mark_lower, mark_border = dense.split(plan.sections, 1)
+    rhs = rhs.view(rows, edges, width)
+    if plan.blocks is None:
+        # unitriangular: the diagonal (zero here) is taken as one, giving I - L
+        phi = torch.linalg.solve_triangular(-lower[0].view(rows, edges, edges), rhs, upper=False, unitriangular=True)
+    else:
+        parts = rhs.split(plan.blocks, 1)
+        phis = [parts[0]]
+        for d, block in enumerate(lower, 1):
+            phis.append(torch.baddbmm(parts[d], block.view(rows, plan.blocks[d], plan.blocks[d - 1]), phis[-1]))
+        phi = torch.cat(phis, 1)
     # G = M_lower phi + M_border: marks of inner edges read phi, marks of border edges their own column
     weights = torch.baddbmm(mark_border.view(rows, size, width), mark_lower.view(rows, size, edges), phi)
     return phi.view(rows, size, ndim, width), weights
@@ -135,13 +144,13 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> 
     num_positions, tile_size = math.prod(sizes), plan.tile_size
 
     # one gather for all per-position inputs
-    features = (dk, dk, dv, ndim, ndim, ndim * ndim)
-    inputs = torch.cat([x.reshape(batch, num_positions, heads, -1) for x in (q, k, v, source, mark, transition)], -1)
-    q_t, k_t, v_t, s_t, m_t, t_t = _to_tiles(inputs, plan, batch, heads).split(features, -1)
-    t_t = t_t.unflatten(-1, (ndim, ndim))
+    per_position = [q, k, v, source, mark, transition.flatten(-2)] + ([] if direct is None else [direct[..., None]])
+    features = [x.shape[-1] for x in per_position]
+    inputs = torch.cat([x.reshape(batch, num_positions, heads, -1) for x in per_position], -1)
+    q_t, k_t, v_t, s_t, m_t, t_t, *d_t = _to_tiles(inputs, plan, batch, heads).split(features, -1)
 
-    phi, weights = _transfer(plan, s_t, t_t, m_t)
-    y = (weights[..., :tile_size] * (q_t @ k_t.transpose(-1, -2))) @ v_t
+    phi, weights = _transfer(plan, s_t, t_t.unflatten(-1, (ndim, ndim)), m_t, d_t[0] if d_t else None)
+    y = (weights[..., :tile_size] * (q_t @ k_t.transpose(-1, -2))) @ v_t  # direct term on the diagonal
 
     if plan.num_tiles > 1:
         tiles_by_group, border = (plan.num_tiles, batch * heads), plan.num_border
@@ -157,7 +166,4 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> 
         q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)  # q_p^T C_j for all j: (R, P_t, E * Dv)
         y = y + (weights[..., tile_size:, None] * q_c.view(-1, tile_size, border, dv)).sum(2)
 
-    y = _from_tiles(y, plan, batch, heads).reshape(batch, *sizes, heads, dv)
-    if direct is not None:
-        y = y + direct[..., None] * (q * k).sum(-1, keepdim=True) * v
-    return scale * y
+    return scale * _from_tiles(y, plan, batch, heads).reshape(batch, *sizes, heads, dv)

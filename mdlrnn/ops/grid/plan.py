@@ -91,27 +91,35 @@ class Placement:
     target: Tensor
 
 
+# Tiles with at most this many hyperplanes solve their edge system hyperplane by hyperplane (one small
+# batched product each); longer 1D chunks use one batched triangular solve.
+MAX_BLOCKED_HYPERPLANES = 8
+
+
 @dataclass(frozen=True, eq=False)  # hashed by identity: a cache key for per-plan index tensors
 class TilePlan:
-    """Tiles of shape `tile` cover the grid (the last ones padded). Tiles are taken in wavefront order,
-    positions inside a tile in row-major order (a topological order of the tile's edges).
+    """Tiles of shape `tile` cover the grid (the last ones padded). Tiles, and the positions inside a tile,
+    are taken in wavefront order (hyperplane by hyperplane), a topological order of the edges.
 
-    Inside a tile, edge (p, a) is row p * N + a of a unit lower-triangular system over the K = P_t * N edges,
-    whose right-hand side has one column per source: the P_t positions, then the E entering border edges.
+    Inside a tile, edge (p, a) is row rank(p) * N + a of a unit lower-triangular system phi = L phi + rhs over
+    the K = P_t * N edges, whose right-hand side has one column per source: the P_t positions, then the E
+    entering border edges. L only links consecutive hyperplanes.
 
     gather:  (T * P_t,) flat grid index of each (tile, position); padding points at position 0, whose
              copies can reach no real position (paths only increase coordinates)
     scatter: (prod(sizes),) index into the (tile, position) layout of each grid position
-    gates:   where the gates [S, T, M, -T] (flattened per tile) go in four dense matrices, flattened one
-             after the other (their sizes are `sections`):
-               -lower (K, K):       -T[p, a, b] at (p * N + a, (p - e_b) * N + b) for p_b > 0
-               rhs (K, P_t + E):     S[p, a] at (p * N + a, p); T[p, a, b] at (p * N + a, P_t + border(p, b))
-                                     for p_b == 0
-               mark_lower (P_t, K):  M[p, b] at (p, (p - e_b) * N + b) for p_b > 0
+    gates:   where the gates [S, T, M] (flattened per tile, positions in wavefront order) go in dense matrices,
+             flattened one after the other (their sizes are `sections`):
+               L: with `blocks`, one block (rows of hyperplane d, rows of hyperplane d - 1) per d >= 1;
+                  else one (K, K) matrix; T[p, a, b] at (p, a), (p - e_b, b) for p_b > 0
+               rhs (K, P_t + E):     S[p, a] at ((p, a), p); T[p, a, b] at ((p, a), P_t + border(p, b)) for p_b == 0
+               mark_lower (P_t, K):  M[p, b] at (p, (p - e_b, b)) for p_b > 0
                mark_border (P_t, P_t + E): M[p, b] at (p, P_t + border(p, b)) for p_b == 0
-    exits:   (E,) rows (position * N + axis) of the edges leaving a tile, block by axis, each block in the
-             row-major order of the face; border edges use the same order, so exit j of tile t - e_b
-             feeds border edge j of tile t
+    gates_direct: the same for gates [S, T, M, D], with D[p] also at (p, p) of mark_border, so that the
+             read-out G holds the direct term on its diagonal
+    blocks:  rows of each hyperplane's edges, or None for one triangular solve
+    exits:   (E,) rows of the edges leaving a tile, block by axis, each block in the row-major order of the
+             face; border edges use the same order, so exit j of tile t - e_b feeds border edge j of tile t
     across:  steps over the tile grid's hyperplanes
     """
 
@@ -121,7 +129,9 @@ class TilePlan:
     gather: Tensor
     scatter: Tensor
     gates: Placement
-    sections: tuple[int, int, int, int]
+    gates_direct: Placement
+    sections: tuple[int, ...]
+    blocks: tuple[int, ...] | None
     exits: Tensor
     across: tuple[Step, ...]
 
@@ -131,18 +141,36 @@ class TilePlan:
 
 
 def _intra_tile(tile: tuple[int, ...]):
-    """Where each gate goes in a tile's dense matrices (see TilePlan.gates), the exit rows and E."""
+    """Gate placements, matrix sections, hyperplane row counts (or None), exit rows and E of a tile."""
     ndim, size = len(tile), math.prod(tile)
     edges = size * ndim
     face = [size // c for c in tile]
     offsets = [sum(face[:b]) for b in range(ndim)]
     width = size + sum(face)
-    # gate values [S, T, M, -T], each flattened row-major over (position, axes)
-    s_at, t_at, m_at, neg_t_at = 0, edges, edges + edges * ndim, 2 * edges + edges * ndim
-    # matrices [-lower (K, K) | rhs (K, W) | mark_lower (P_t, K) | mark_border (P_t, W)], flattened
-    lower_at, rhs_at = 0, edges * edges
+    inside = wavefront(tile)
+    rank = torch.empty(size, dtype=torch.long)
+    rank[inside.order] = torch.arange(size)
+    level = coordinates(tile).sum(1)
+    steps = len(inside.bounds) - 1
+    blocks = tuple(ndim * (b - a) for a, b in inside.steps()) if steps <= MAX_BLOCKED_HYPERPLANES else None
+
+    # sections of the flattened matrices: L, rhs, mark_lower, mark_border
+    if blocks is None:
+        lower_sections = [edges * edges]
+    else:
+        lower_sections = [blocks[d] * blocks[d - 1] for d in range(1, steps)]
+    starts = torch.tensor([0, *lower_sections]).cumsum(0)
+    rhs_at = int(starts[-1])
     mark_lower_at = rhs_at + edges * width
     mark_border_at = mark_lower_at + size * edges
+    first_row = torch.tensor([0, *blocks]).cumsum(0) if blocks is not None else None
+
+    def lower_target(row, col, d):  # entry (row, col) of L, row in hyperplane d
+        if blocks is None:
+            return row * edges + col
+        return starts[d - 1] + (row - first_row[d]) * torch.tensor(blocks)[d - 1] + (col - first_row[d - 1])
+
+    s_at, t_at, m_at = 0, edges, edges + edges * ndim  # gate values [S, T, M]
     coords = coordinates(tile)
     strides = row_major_strides(tile)
     sources, targets = [], []
@@ -153,20 +181,25 @@ def _intra_tile(tile: tuple[int, ...]):
 
     every = torch.arange(size)
     for b in range(ndim):
-        inside = coords[:, b] > 0
-        p = inside.nonzero().squeeze(1)
+        inside_b = coords[:, b] > 0
+        p = inside_b.nonzero().squeeze(1)  # row-major indices
         before = p - strides[b]
-        on_face = (~inside).nonzero().squeeze(1)
+        on_face = (~inside_b).nonzero().squeeze(1)
         border = offsets[b] + torch.arange(on_face.numel())  # row-major order of the face
-        put(m_at + p * ndim + b, mark_lower_at + p * edges + before * ndim + b)
-        put(m_at + on_face * ndim + b, mark_border_at + on_face * width + size + border)
+        put(m_at + rank[p] * ndim + b, mark_lower_at + rank[p] * edges + rank[before] * ndim + b)
+        put(m_at + rank[on_face] * ndim + b, mark_border_at + rank[on_face] * width + size + border)
         for a in range(ndim):
-            put(neg_t_at + p * ndim * ndim + a * ndim + b, lower_at + (p * ndim + a) * edges + before * ndim + b)
-            put(t_at + on_face * ndim * ndim + a * ndim + b, rhs_at + (on_face * ndim + a) * width + size + border)
-        put(s_at + every * ndim + b, rhs_at + (every * ndim + b) * width + every)
+            row, col = rank[p] * ndim + a, rank[before] * ndim + b
+            put(t_at + rank[p] * ndim * ndim + a * ndim + b, lower_target(row, col, level[p]))
+            put(t_at + rank[on_face] * ndim * ndim + a * ndim + b, rhs_at + (rank[on_face] * ndim + a) * width + size + border)
+        put(s_at + rank[every] * ndim + b, rhs_at + (rank[every] * ndim + b) * width + rank[every])
     gates = Placement(torch.cat(sources), torch.cat(targets))
-    exits = [(coords[:, a] == tile[a] - 1).nonzero().squeeze(1) * ndim + a for a in range(ndim)]
-    return gates, (edges * edges, edges * width, size * edges, size * width), torch.cat(exits), sum(face)
+    # the direct weight D[p] (gate values [S, T, M, D]) on G's diagonal: G[p, p] is otherwise zero
+    d_at = m_at + edges
+    direct = Placement(torch.cat([gates.source, d_at + rank[every]]), torch.cat([gates.target, mark_border_at + rank[every] * (width + 1)]))
+    sections = (*lower_sections, edges * width, size * edges, size * width)
+    exits = [rank[(coords[:, a] == tile[a] - 1).nonzero().squeeze(1)] * ndim + a for a in range(ndim)]
+    return inside.order, gates, direct, sections, blocks, torch.cat(exits), sum(face)
 
 
 @lru_cache(maxsize=64)
@@ -176,15 +209,15 @@ def tile_plan(sizes: tuple[int, ...], device: torch.device) -> TilePlan:
     num_positions, num_tiles = math.prod(sizes), math.prod(counts)
 
     across = wavefront(counts)
+    inside_order, gates, gates_direct, sections, blocks, exits, num_border = _intra_tile(tile)
     corner = coordinates(counts)[across.order] * torch.tensor(tile)
-    where = corner[:, None, :] + coordinates(tile)[None]  # (T, P_t, N)
+    where = corner[:, None, :] + coordinates(tile)[inside_order][None]  # (T, P_t, N)
     in_grid = (where < torch.tensor(sizes)).all(-1).reshape(-1)
     flat = (where * torch.tensor(row_major_strides(sizes))).sum(-1).reshape(-1)
     gather = torch.where(in_grid, flat, 0)
     scatter = torch.empty(num_positions, dtype=torch.long)
     scatter[flat[in_grid]] = torch.arange(flat.numel())[in_grid]
 
-    gates, sections, exits, num_border = _intra_tile(tile)
     face = torch.tensor([math.prod(tile) // c for c in tile])
     axis_of_border = torch.repeat_interleave(torch.arange(len(tile)), face)
     steps = [Step(start, stop, across.pred[start:stop][:, axis_of_border].to(device)) for start, stop in across.steps()]
@@ -197,7 +230,9 @@ def tile_plan(sizes: tuple[int, ...], device: torch.device) -> TilePlan:
         gather=gather.to(device),
         scatter=scatter.to(device),
         gates=move(gates),
+        gates_direct=move(gates_direct),
         sections=sections,
+        blocks=blocks,
         exits=exits.to(device),
         across=tuple(steps),
     )
