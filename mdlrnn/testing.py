@@ -12,7 +12,7 @@ from .ops.grid.plan import coordinates, row_major_strides
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (the absolute error where ref is exactly zero)."""
-    out, ref = out.detach().double(), ref.detach().double()
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     diff = (out - ref).norm().item()
     norm = ref.norm().item()
     return diff / norm if norm > 0 else diff

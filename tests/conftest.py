@@ -11,3 +11,12 @@ def generator(request):
     seed = int(os.environ.get("MDLRNN_TEST_SEED", random.SystemRandom().randrange(2**31)))
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Where the fast path runs; the reference always runs on the CPU in float64."""
+    return torch.device(request.param)

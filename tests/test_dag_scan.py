@@ -36,14 +36,14 @@ def families(gen):
 
 
 @pytest.mark.parametrize("family", ["single", "isolated", "chain", "tree", "parallel", "grid", "layered", "batch"])
-def test_torch_matches_reference(family, generator):
+def test_torch_matches_reference(family, generator, device):
     edge_index, num_nodes = families(generator)[family]
     graph = DAG.from_edge_index(edge_index, num_nodes)
     inputs = dag_inputs(graph, 3, 4, 5, generator=generator)
     leaves = [inputs[k].requires_grad_() for k in NAMES]
     outs, grads = [], []
-    for backend in ("reference", "torch"):
-        y = dag_scan(*leaves, graph, backend=backend)
+    for backend, where in (("reference", "cpu"), ("torch", device)):
+        y = dag_scan(*(x.to(where) for x in leaves), graph.to(where), backend=backend).cpu()
         weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
         outs.append(y)
         grads.append(torch.autograd.grad((y * weight).sum(), leaves, allow_unused=True, materialize_grads=True))

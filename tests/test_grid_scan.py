@@ -13,13 +13,14 @@ SIZES = [
 ]
 
 
-def run_both(inputs, **kwargs):
+def run_both(inputs, device="cpu", **kwargs):
+    """Reference on the CPU, torch backend on `device`; outputs and gradients of every input."""
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
     outs, grads = [], []
     weight = None
-    for backend in ("reference", "torch"):
-        args = {k: (leaves[k] if k in leaves else None) for k in NAMES}
-        y = grid_scan(**args, backend=backend, **kwargs)
+    for backend, where in (("reference", "cpu"), ("torch", device)):
+        args = {k: (leaves[k].to(where) if k in leaves else None) for k in NAMES}
+        y = grid_scan(**args, backend=backend, **kwargs).cpu()
         weight = torch.randn_like(y) if weight is None else weight
         grads.append(torch.autograd.grad((y * weight).sum(), list(leaves.values()), allow_unused=True, materialize_grads=True))
         outs.append(y)
@@ -28,9 +29,9 @@ def run_both(inputs, **kwargs):
 
 @pytest.mark.parametrize("sizes", SIZES, ids=str)
 @pytest.mark.parametrize("direct", [True, False])
-def test_torch_matches_reference_float64(sizes, direct, generator):
+def test_torch_matches_reference_float64(sizes, direct, generator, device):
     inputs = grid_inputs(2, sizes, 3, 4, 5, generator=generator, direct=direct)
-    (ref, out), (g_ref, g_out), names = run_both(inputs)
+    (ref, out), (g_ref, g_out), names = run_both(inputs, device)
     assert out.shape == ref.shape == (2, *sizes, 3, 5)
     assert relative_error(out, ref) < 1e-12
     for name, a, b in zip(names, g_out, g_ref):
@@ -38,10 +39,11 @@ def test_torch_matches_reference_float64(sizes, direct, generator):
 
 
 @pytest.mark.parametrize("sizes", [(37,), (11, 13), (3, 5, 4)], ids=str)
-def test_float32_matches_float64_reference(sizes, generator):
+def test_float32_matches_float64_reference(sizes, generator, device):
+    torch.backends.cuda.matmul.allow_tf32 = False
     inputs = grid_inputs(2, sizes, 2, 8, 8, generator=generator)
     ref = grid_scan(**inputs, backend="reference")
-    out = grid_scan(**{k: (v.float() if v is not None else None) for k, v in inputs.items()}, backend="torch")
+    out = grid_scan(**{k: v.float().to(device) for k, v in inputs.items()}, backend="torch")
     assert out.dtype == torch.float32
     assert relative_error(out, ref) < 1e-5
 

@@ -14,11 +14,11 @@ def qkv(batch, sizes, heads, dk, dv, generator, dtype=torch.float64, spread=1.0)
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sizes", [(1,), (10,), (1, 1), (1, 6), (6, 1), (5, 7), (2, 3, 4)], ids=str)
-def test_torch_matches_reference(mode, sizes, generator):
+def test_torch_matches_reference(mode, sizes, generator, device):
     leaves = [x.requires_grad_() for x in qkv(2, sizes, 2, 3, 4, generator)]
     outs, grads = [], []
-    for backend in ("reference", "torch"):
-        y = lightnet_scan(*leaves, mode=mode, backend=backend)
+    for backend, where in (("reference", "cpu"), ("torch", device)):
+        y = lightnet_scan(*(x.to(where) for x in leaves), mode=mode, backend=backend).cpu()
         weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
         outs.append(y)
         grads.append(torch.autograd.grad((y * weight).sum(), leaves))
@@ -34,12 +34,13 @@ def test_gradcheck(mode, generator):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_large_logits_float32(mode, generator):
+def test_large_logits_float32(mode, generator, device):
     """Key logits spread over [-80, 80]: float32 stays finite and matches the float64 reference."""
+    torch.backends.cuda.matmul.allow_tf32 = False
     q, _, v = qkv(2, (9, 11), 2, 8, 8, generator)
     k = 160 * torch.rand(q.shape, generator=generator, dtype=torch.float64) - 80
     ref = lightnet_scan(q, k, v, mode=mode, backend="reference")
-    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    leaves = [x.float().to(device).requires_grad_() for x in (q, k, v)]
     out = lightnet_scan(*leaves, mode=mode, backend="torch")
     assert torch.isfinite(out).all()
     assert relative_error(out, ref) < 1e-5

@@ -163,7 +163,12 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> 
             exits[..., tile_size:].reshape(*tiles_by_group, border, border),
             plan,
         ).view(-1, border, dk, dv)
-        q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)  # q_p^T C_j for all j: (R, P_t, E * Dv)
-        y = y + (weights[..., tile_size:, None] * q_c.view(-1, tile_size, border, dv)).sum(2)
+        # y_p += q_p^T sum_j G[p, j] C_j, contracting first over whichever of Dk and E is smaller
+        if dk < border:
+            marked = (weights[..., tile_size:] @ c_in.view(-1, border, dk * dv)).view(-1, tile_size, dk, dv)
+            y = y + (q_t[..., :, None] * marked).sum(-2)
+        else:
+            q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)  # q_p^T C_j: (R, P_t, E * Dv)
+            y = y + (weights[..., tile_size:, None] * q_c.view(-1, tile_size, border, dv)).sum(2)
 
     return scale * _from_tiles(y, plan, batch, heads).reshape(batch, *sizes, heads, dv)
