@@ -69,7 +69,7 @@ def tile_shape(sizes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(min(s, edge) for s in sizes)
 
 
-@dataclass(frozen=True, eq=False)  # hashed by identity: a cache key for per-step index tensors
+@dataclass(frozen=True)
 class Step:
     """One hyperplane of the scan across tiles: tiles start:stop of the wavefront order.
 
@@ -80,7 +80,6 @@ class Step:
     start: int
     stop: int
     from_tile: Tensor
-
 
 
 @dataclass(frozen=True)
@@ -163,12 +162,12 @@ def _intra_tile(tile: tuple[int, ...]):
     rhs_at = int(starts[-1])
     mark_lower_at = rhs_at + edges * width
     mark_border_at = mark_lower_at + size * edges
-    first_row = torch.tensor([0, *blocks]).cumsum(0) if blocks is not None else None
 
     def lower_target(row, col, d):  # entry (row, col) of L, row in hyperplane d
         if blocks is None:
             return row * edges + col
-        return starts[d - 1] + (row - first_row[d]) * torch.tensor(blocks)[d - 1] + (col - first_row[d - 1])
+        first_row, cols = torch.tensor([0, *blocks]).cumsum(0), torch.tensor(blocks)[d - 1]
+        return starts[d - 1] + (row - first_row[d]) * cols + (col - first_row[d - 1])
 
     s_at, t_at, m_at = 0, edges, edges + edges * ndim  # gate values [S, T, M]
     coords = coordinates(tile)
@@ -191,12 +190,16 @@ def _intra_tile(tile: tuple[int, ...]):
         for a in range(ndim):
             row, col = rank[p] * ndim + a, rank[before] * ndim + b
             put(t_at + rank[p] * ndim * ndim + a * ndim + b, lower_target(row, col, level[p]))
-            put(t_at + rank[on_face] * ndim * ndim + a * ndim + b, rhs_at + (rank[on_face] * ndim + a) * width + size + border)
+            entering = rhs_at + (rank[on_face] * ndim + a) * width + size + border
+            put(t_at + rank[on_face] * ndim * ndim + a * ndim + b, entering)
         put(s_at + rank[every] * ndim + b, rhs_at + (rank[every] * ndim + b) * width + rank[every])
     gates = Placement(torch.cat(sources), torch.cat(targets))
     # the direct weight D[p] (gate values [S, T, M, D]) on G's diagonal: G[p, p] is otherwise zero
     d_at = m_at + edges
-    direct = Placement(torch.cat([gates.source, d_at + rank[every]]), torch.cat([gates.target, mark_border_at + rank[every] * (width + 1)]))
+    direct = Placement(
+        torch.cat([gates.source, d_at + rank[every]]),
+        torch.cat([gates.target, mark_border_at + rank[every] * (width + 1)]),
+    )
     sections = (*lower_sections, edges * width, size * edges, size * width)
     exits = [rank[(coords[:, a] == tile[a] - 1).nonzero().squeeze(1)] * ndim + a for a in range(ndim)]
     return inside.order, gates, direct, sections, blocks, torch.cat(exits), sum(face)
