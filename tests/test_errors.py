@@ -97,3 +97,11 @@ def test_lightnet_errors():
         lightnet_scan(q, q, q[:, :2], mode="box")
     with pytest.raises(TypeError, match=r"`k` must be a floating-point tensor"):
         lightnet_scan(q, q.long(), q, mode="box")
+
+
+def test_lightnet_angles_errors():
+    q = torch.randn(1, 4, 4, 2, 3)
+    with pytest.raises(ValueError, match=r"`angles` must broadcast to the shape of `q`"):
+        lightnet_scan(q, q, q, mode="box", angles=torch.zeros(4, 5, 2, 3))
+    with pytest.raises(TypeError, match=r"`angles` must be a floating-point tensor"):
+        lightnet_scan(q, q, q, mode="box", angles=torch.zeros(4, 4, 2, 3, dtype=torch.long))

@@ -61,3 +61,27 @@ def test_bfloat16(generator):
     ref = lightnet_scan(q.double(), k.double(), v.double(), mode="box", backend="reference")
     out = lightnet_scan(q, k, v, mode="box")
     assert out.dtype == torch.bfloat16 and relative_error(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [(7,), (4, 5), (2, 3, 3)], ids=str)
+def test_rotary_angles_match_reference(mode, sizes, generator, device):
+    q, k, v = qkv(2, sizes, 2, 4, 3, generator)
+    angles = 3 * torch.randn(q.shape, generator=generator, dtype=torch.float64)
+    leaves = [x.requires_grad_() for x in (q, k, v, angles)]
+    outs, grads = [], []
+    for backend, where in (("reference", "cpu"), ("torch", device)):
+        q_, k_, v_, a_ = (x.to(where) for x in leaves)
+        y = lightnet_scan(q_, k_, v_, mode=mode, angles=a_, backend=backend).cpu()
+        weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
+        outs.append(y)
+        grads.append(torch.autograd.grad((y * weight).sum(), leaves))
+    assert relative_error(outs[1], outs[0]) < 1e-12
+    for name, a, b in zip(("q", "k", "v", "angles"), grads[1], grads[0]):
+        assert relative_error(a, b) < 1e-12, name
+
+
+def test_zero_angles_change_nothing(generator):
+    q, k, v = qkv(1, (3, 4), 2, 3, 3, generator)
+    plain = lightnet_scan(q, k, v, mode="box")
+    assert relative_error(lightnet_scan(q, k, v, mode="box", angles=torch.zeros(3, 4, 2, 3, dtype=q.dtype)), plain) < 1e-14

@@ -20,8 +20,9 @@ def region_mask(sizes: tuple[int, ...], mode: str, device=None) -> torch.Tensor:
     return (coords[None, :, :] <= coords[:, None, :]).all(-1)
 
 
-def lightnet_scan_reference(q, k, v, mode: str, scale: float) -> torch.Tensor:
-    """y_p = scale * sum_c q_p[c] * sum_{s in R(p)} softmax_{s in R(p)}(k_s[c]) * v_s, one p at a time."""
+def lightnet_scan_reference(q, k, v, mode: str, scale: float, angles=None) -> torch.Tensor:
+    """y_p = scale * sum_c q_p[c] * sum_{s in R(p)} softmax_{s in R(p)}(k_s[c]) * cos(angles_p[c] - angles_s[c]) * v_s,
+    one p at a time (the cosine is 1 without angles)."""
     batch, *sizes, heads, dk = q.shape
     flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
     q, k, v = flat(q), flat(k), flat(v)
@@ -30,6 +31,9 @@ def lightnet_scan_reference(q, k, v, mode: str, scale: float) -> torch.Tensor:
     for p in range(q.shape[1]):
         region = mask[p]
         weights = torch.softmax(k[:, region], dim=1)  # (B, |R|, H, Dk): over the region, per channel
+        if angles is not None:
+            angle = flat(angles)
+            weights = weights * torch.cos(angle[:, p, None] - angle[:, region])
         summary = torch.einsum("brhc,brhv->bhcv", weights, v[:, region])
         outputs.append(scale * torch.einsum("bhc,bhcv->bhv", q[:, p], summary))
     return torch.stack(outputs, 1).reshape(batch, *sizes, heads, v.shape[-1])

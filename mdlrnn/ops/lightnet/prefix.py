@@ -18,13 +18,35 @@ import torch
 from ..grid.chunk import grid_scan_torch
 
 
-def lightnet_global(q, k, v, scale: float) -> torch.Tensor:
+def _channel_values(v: torch.Tensor, angles) -> torch.Tensor:
+    """What each key channel sums: v, or [cos(angle_s) v_s, sin(angle_s) v_s] with rotary angles (..., Dk, F)."""
+    if angles is None:
+        return v[..., None, :]
+    return torch.cat([torch.cos(angles)[..., None] * v[..., None, :], torch.sin(angles)[..., None] * v[..., None, :]], -1)
+
+
+def _read(q: torch.Tensor, summed: torch.Tensor, angles, scale: float) -> torch.Tensor:
+    """scale * sum_c q_p[c] * numerator[c] / denominator[c] from the channel sums (..., Dk, F) (last column: den).
+
+    With angles the numerator is cos(angle_p) N_cos + sin(angle_p) N_sin = sum_s w_s cos(angle_p - angle_s) v_s.
+    """
+    numerator, denominator = summed[..., :-1], summed[..., -1:]
+    if angles is not None:
+        half = numerator.shape[-1] // 2
+        numerator = torch.cos(angles)[..., None] * numerator[..., :half] + torch.sin(angles)[..., None] * numerator[..., half:]
+    return scale * (q[..., None] * numerator / denominator).sum(-2)
+
+
+def lightnet_global(q, k, v, scale: float, angles=None) -> torch.Tensor:
     batch, *sizes, heads, dk = q.shape
     flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
     k_flat = flat(k)
-    weights = torch.exp(k_flat - k_flat.detach().amax(1, keepdim=True))
-    summary = torch.einsum("bshc,bshv->bhcv", weights, flat(v)) / weights.sum(1)[..., None]
-    return scale * torch.einsum("bshc,bhcv->bshv", flat(q), summary).reshape(*v.shape)
+    weights = torch.exp(k_flat - k_flat.detach().amax(1, keepdim=True))  # (B, P, H, Dk)
+    values = _channel_values(v, angles).flatten(1, len(sizes))  # (B, P, H, Dk or 1, F)
+    values = torch.cat([values.expand(*weights.shape, -1), torch.ones_like(weights)[..., None]], -1)
+    summed = torch.einsum("bshc,bshcf->bhcf", weights, values)  # (B, H, Dk, F + 1)
+    out = _read(flat(q), summed[:, None], None if angles is None else flat(angles), scale)
+    return out.reshape(*v.shape)
 
 
 def _entering(m: torch.Tensor, axis: int) -> torch.Tensor:
@@ -33,9 +55,9 @@ def _entering(m: torch.Tensor, axis: int) -> torch.Tensor:
     return torch.cat([m.narrow(axis, 0, 1), m.narrow(axis, 0, size - 1)], axis)
 
 
-def lightnet_box(q, k, v, scale: float, grid_scan=grid_scan_torch) -> torch.Tensor:
+def lightnet_box(q, k, v, scale: float, angles=None, grid_scan=grid_scan_torch) -> torch.Tensor:
     batch, *sizes, heads, dk = q.shape
-    ndim, dv = len(sizes), v.shape[-1]
+    ndim = len(sizes)
     with torch.no_grad():
         maxima, running = [None] * ndim, k
         for a in reversed(range(ndim)):
@@ -53,8 +75,9 @@ def lightnet_box(q, k, v, scale: float, grid_scan=grid_scan_torch) -> torch.Tens
     direct = torch.exp(k - box)
     channels = (batch, *sizes, heads * dk)
     ones = q.new_ones(*channels, 1)
-    values = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
-    values = values[..., None, :].expand(*v.shape[:-1], dk, dv + 1).reshape(*channels, dv + 1)
+    values = _channel_values(v, angles)
+    features = values.shape[-1] + 1
+    values = torch.cat([values.expand(*k.shape, -1), torch.ones_like(k)[..., None]], -1).reshape(*channels, features)
     summed = grid_scan(
         ones,
         ones,
@@ -64,15 +87,15 @@ def lightnet_box(q, k, v, scale: float, grid_scan=grid_scan_torch) -> torch.Tens
         mark.reshape(*channels, ndim),
         direct.reshape(channels),
         1.0,
-    ).view(batch, *sizes, heads, dk, dv + 1)
-    return scale * (q[..., None] * summed[..., :dv] / summed[..., dv:]).sum(-2)
+    ).view(batch, *sizes, heads, dk, features)
+    return _read(q, summed, angles, scale)
 
 
-def lightnet_scan_torch(q, k, v, mode: str, scale: float) -> torch.Tensor:
+def lightnet_scan_torch(q, k, v, mode: str, scale: float, angles=None) -> torch.Tensor:
     if mode == "global":
-        return lightnet_global(q, k, v, scale)
+        return lightnet_global(q, k, v, scale, angles)
     if mode == "causal":
         batch, heads = q.shape[0], q.shape[-2]
-        flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
-        return lightnet_box(flat(q), flat(k), flat(v), scale).reshape(v.shape)
-    return lightnet_box(q, k, v, scale)
+        flat = lambda x: None if x is None else x.reshape(batch, -1, heads, x.shape[-1])
+        return lightnet_box(flat(q), flat(k), flat(v), scale, flat(angles)).reshape(v.shape)
+    return lightnet_box(q, k, v, scale, angles)
