@@ -70,6 +70,7 @@ def _transfer(plan: TilePlan, source, transition, mark, direct):
     return phi.view(rows, size, ndim, width), weights
 
 
+@torch.compiler.disable
 @lru_cache(maxsize=256)
 def _entering_rows(plan: TilePlan, groups: int, border: int) -> tuple[torch.Tensor | None, ...]:
     """Per step, the row of each entering border state (tile, group, edge) in the flattened exit states of
@@ -101,19 +102,18 @@ class AcrossTiles(torch.autograd.Function):
     def forward(ctx, exit_local, exit_border, plan):
         tiles, groups, border, features = exit_local.shape
         all_rows = _entering_rows(plan, groups, border)
-        # every exit row is written before it is read; only the zero row and the first hyperplane's
-        # entering states (nothing enters them) need clearing
-        exits = exit_local.new_empty(tiles * groups * border + 1, features)
-        exits[-1].zero_()
+        # exits start as U and gain A C_enter in place, hyperplane by hyperplane; the appended zero row is
+        # what edges from outside the grid read, and nothing enters the first hyperplane
+        exits = torch.cat([exit_local.reshape(-1, features), exit_local.new_zeros(1, features)])
         entering = torch.empty_like(exit_local)
         for step, rows in zip(plan.across, all_rows):
             span = slice(step.start, step.stop)
             if rows is None:
                 entering[span].zero_()
-            else:
-                torch.index_select(exits, 0, rows, out=entering[span].view(-1, features))
+                continue
+            torch.index_select(exits, 0, rows, out=entering[span].view(-1, features))
             out = exits[step.start * groups * border : step.stop * groups * border].view(-1, border, features)
-            torch.baddbmm(exit_local[span].flatten(0, 1), exit_border[span].flatten(0, 1), entering[span].flatten(0, 1), out=out)
+            out.baddbmm_(exit_border[span].flatten(0, 1), entering[span].flatten(0, 1))
         ctx.save_for_backward(exit_border, entering)
         ctx.plan = plan
         return entering
@@ -167,8 +167,11 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> 
         if dk < border:
             marked = (weights[..., tile_size:] @ c_in.view(-1, border, dk * dv)).view(-1, tile_size, dk, dv)
             y = y + (q_t[..., :, None] * marked).sum(-2)
-        else:
-            q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)  # q_p^T C_j: (R, P_t, E * Dv)
+        elif dv > tile_size:  # q_p^T C_j as (R, E, P_t, Dv): broadcasting q moves less than transposing C
+            q_c = q_t[:, None] @ c_in
+            y = y + (weights[..., tile_size:].transpose(1, 2)[..., None] * q_c).sum(1)
+        else:  # q_p^T C_j as (R, P_t, E * Dv), one product per tile
+            q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)
             y = y + (weights[..., tile_size:, None] * q_c.view(-1, tile_size, border, dv)).sum(2)
 
     return scale * _from_tiles(y, plan, batch, heads).reshape(batch, *sizes, heads, dv)

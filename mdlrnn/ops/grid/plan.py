@@ -205,6 +205,7 @@ def _intra_tile(tile: tuple[int, ...]):
     return inside.order, gates, direct, sections, blocks, torch.cat(exits), sum(face)
 
 
+@torch.compiler.disable  # index arithmetic, cached: run eagerly rather than traced into every graph
 @lru_cache(maxsize=64)
 def tile_plan(sizes: tuple[int, ...], device: torch.device) -> TilePlan:
     tile = tile_shape(sizes)
