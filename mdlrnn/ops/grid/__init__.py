@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .._checks import check_backend, check_qkv, check_same_device, check_shape, compute_dtype
 from .chunk import grid_scan_torch
@@ -54,4 +55,7 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
     run = _BACKENDS["torch" if backend == "auto" else backend]
     with torch.autocast(q.device.type, enabled=False):
+        if run is grid_scan_torch and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+            # keep only the inputs; the tile states (a few Dk x Dv per position) are recomputed in backward
+            return checkpoint(run, *args, scale, use_reentrant=False).to(v.dtype)
         return run(*args, scale).to(v.dtype)

@@ -38,15 +38,20 @@ def _read(q: torch.Tensor, summed: torch.Tensor, angles, scale: float) -> torch.
 
 
 def lightnet_global(q, k, v, scale: float, angles=None) -> torch.Tensor:
-    batch, *sizes, heads, dk = q.shape
+    """One reduction over all positions; with angles, cos(a_p - a_s) = cos a_p cos a_s + sin a_p sin a_s splits
+    into two reductions, so no per-channel copy of v is made."""
+    batch, heads, shape = q.shape[0], q.shape[-2], v.shape
     flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
-    k_flat = flat(k)
-    weights = torch.exp(k_flat - k_flat.detach().amax(1, keepdim=True))  # (B, P, H, Dk)
-    values = _channel_values(v, angles).flatten(1, len(sizes))  # (B, P, H, Dk or 1, F)
-    values = torch.cat([values.expand(*weights.shape, -1), torch.ones_like(weights)[..., None]], -1)
-    summed = torch.einsum("bshc,bshcf->bhcf", weights, values)  # (B, H, Dk, F + 1)
-    out = _read(flat(q), summed[:, None], None if angles is None else flat(angles), scale)
-    return out.reshape(*v.shape)
+    q, k, v = flat(q), flat(k), flat(v)
+    weights = torch.exp(k - k.detach().amax(1, keepdim=True))  # (B, P, H, Dk)
+    query = q / weights.sum(1, keepdim=True)
+    if angles is None:
+        return scale * torch.einsum("bphc,bhcv->bphv", query, torch.einsum("bshc,bshv->bhcv", weights, v)).reshape(shape)
+    angles = flat(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    y = torch.einsum("bphc,bhcv->bphv", query * cos, torch.einsum("bshc,bshv->bhcv", weights * cos, v))
+    y = y + torch.einsum("bphc,bhcv->bphv", query * sin, torch.einsum("bshc,bshv->bhcv", weights * sin, v))
+    return (scale * y).reshape(shape)
 
 
 def _entering(m: torch.Tensor, axis: int) -> torch.Tensor:
