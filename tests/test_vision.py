@@ -122,10 +122,11 @@ def test_any_input_resolution(name):
         model(torch.randn(1, 3, 70, 64))
 
 
-def test_registered_tiny_runs_at_other_resolutions():
-    model = timm.create_model("plstm_vit_tiny_patch16_224", num_classes=3).eval()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_registered_tiny_runs_at_other_resolutions(name):
+    model = timm.create_model(name, num_classes=3).eval()
     with torch.no_grad():
-        for size in [(192, 192), (160, 224)]:
+        for size in [(192, 192), (384, 384), (512, 512), (160, 224)]:
             assert model(torch.randn(1, 3, *size)).shape == (1, 3)
 
 
