@@ -1,0 +1,1 @@
+"""Data helpers (graph benchmarks' protocol)."""

@@ -1,0 +1,116 @@
+"""DAGs from graphs: orient every edge along a node order, vectorised over a whole PyG batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import DAG
+
+__all__ = ["ORDERS", "node_rank", "to_dag"]
+
+ORDERS = ("index", "bfs", "degree")
+
+
+def _graph_starts(batch: Tensor | None, num_nodes: int) -> Tensor:
+    """First node of every node's graph (0 for all when there is no batch vector)."""
+    if batch is None or batch.numel() == 0:
+        return torch.zeros(num_nodes, dtype=torch.long, device=batch.device if batch is not None else None)
+    counts = torch.bincount(batch)
+    starts = torch.cumsum(counts, 0) - counts
+    return starts[batch]
+
+
+def _bfs_distance(edge_index: Tensor, num_nodes: int, roots: Tensor) -> Tensor:
+    """Hop distance from the nearest root over the undirected graph, one tensor step per BFS level;
+    nodes no root reaches get num_nodes (after every reached node)."""
+    src, dst = torch.cat([edge_index, edge_index.flip(0)], 1)
+    distance = torch.full((num_nodes,), num_nodes, dtype=torch.long, device=edge_index.device)
+    distance[roots] = 0
+    frontier = torch.zeros(num_nodes, dtype=torch.bool, device=edge_index.device)
+    frontier[roots] = True
+    level = 0
+    while frontier.any():
+        level += 1
+        reached = torch.zeros_like(frontier)
+        reached[dst[frontier[src]]] = True
+        frontier = reached & (distance == num_nodes)
+        distance[frontier] = level
+    return distance
+
+
+def node_rank(edge_index: Tensor, num_nodes: int, order="index", batch: Tensor | None = None,
+              root: Tensor | None = None) -> Tensor:
+    """Position of every node in the order that orients the edges (edges go from lower to higher rank).
+
+    order: "index" (node ids, as in the pLSTM paper), "bfs" (hop distance from each graph's root: `root`,
+    one node per graph, or the graph's first node), "degree" (higher degree first), or a tensor of
+    num_nodes keys (lower first). Ties are broken by node index.
+    """
+    index = torch.arange(num_nodes, device=edge_index.device)
+    if isinstance(order, Tensor):
+        if order.shape != (num_nodes,):
+            raise ValueError(f"to_dag: an `order` tensor must have shape (num_nodes,) = ({num_nodes},), got {tuple(order.shape)}")
+        key = order.to(edge_index.device)
+    elif order == "index":
+        return index
+    elif order == "degree":
+        degree = torch.bincount(edge_index.reshape(-1), minlength=num_nodes)
+        key = -degree
+    elif order == "bfs":
+        if root is None:
+            starts = _graph_starts(batch, num_nodes)
+            root = torch.unique(starts) if num_nodes else starts
+        key = _bfs_distance(edge_index, num_nodes, root.to(edge_index.device))
+    else:
+        raise ValueError(f"to_dag: `order` must be one of {ORDERS} or a tensor of keys, got {order!r}")
+    # ranks are only ever compared within a graph, so one global sort serves a whole batch
+    rank = torch.empty_like(index)
+    rank[torch.argsort(key, stable=True)] = index  # stable: ties keep index order
+    return rank
+
+
+def to_dag(edge_index: Tensor, num_nodes: int, order="index", directed: bool = False, on_cycle: str = "raise",
+           batch: Tensor | None = None, root: Tensor | None = None) -> tuple[DAG, Tensor]:
+    """Orient a graph (or a PyG batch of graphs) into a DAG.
+
+    Undirected graphs (PyG's convention: every edge given in both directions) keep each edge once, from
+    the lower to the higher rank of `node_rank`; an edge given in one direction only is flipped where
+    needed. Directed graphs keep their edges as given; a cycle raises a ValueError naming a node on it, or,
+    with on_cycle="break", the edges against the node order are dropped. Self-loops are dropped.
+
+    Returns the DAG and, for each of its edges, the column of edge_index it came from (to gather edge
+    features). The reverse DAG is `dag.reverse()` with the same edge numbering.
+    """
+    if on_cycle not in ("raise", "break"):
+        raise ValueError(f"to_dag: `on_cycle` must be 'raise' or 'break', got {on_cycle!r}")
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        shape = tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
+        raise ValueError(f"to_dag: `edge_index` must be a (2, E) tensor, got {shape}")
+    edge_index = edge_index.long()
+    if edge_index.numel() and (edge_index.min() < 0 or edge_index.max() >= num_nodes):
+        raise ValueError(f"to_dag: `edge_index` holds nodes outside [0, num_nodes={num_nodes})")
+    src, dst = edge_index
+    ids = torch.arange(src.numel(), device=src.device)
+    not_loop = src != dst
+    if directed:
+        try:
+            return DAG.from_edge_index(edge_index[:, not_loop], num_nodes), ids[not_loop]
+        except ValueError as error:
+            if on_cycle == "raise" or "cycle" not in str(error):
+                raise
+        rank = node_rank(edge_index, num_nodes, order, batch, root)
+        keep = rank[src] < rank[dst]
+        return DAG.from_edge_index(edge_index[:, keep], num_nodes), ids[keep]
+
+    rank = node_rank(edge_index, num_nodes, order, batch, root)
+    forward = rank[src] < rank[dst]
+    backward = rank[src] > rank[dst]
+    # a backward copy is kept (flipped) only where its mirror is missing among the forward edges
+    forward_keys = src[forward] * num_nodes + dst[forward]
+    mirror_keys = dst[backward] * num_nodes + src[backward]
+    lonely = torch.zeros_like(backward)
+    lonely[backward] = ~torch.isin(mirror_keys, forward_keys)
+    keep = forward | lonely
+    oriented = torch.where(forward, edge_index, edge_index.flip(0))[:, keep]
+    return DAG.from_edge_index(oriented, num_nodes), ids[keep]
