@@ -9,10 +9,21 @@ from torch import Tensor
 
 
 def _levels(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Longest-path depth of every node (Kahn's algorithm, one tensor step per level).
+    """Longest-path depth of every node: depth[w] = max over edges u -> w of depth[u] + 1, relaxed once per
+    level (a scatter-max over all edges) until nothing changes. Raises ValueError naming a node on a cycle
+    when the graph has one (then the relaxation would never settle)."""
+    src, dst = edge_index
+    depth = torch.zeros(num_nodes, dtype=torch.long)
+    for _ in range(num_nodes + 1):
+        deeper = depth.scatter_reduce(0, dst, depth[src] + 1, reduce="amax")
+        if torch.equal(deeper, depth):
+            return depth
+        depth = deeper
+    return _kahn_levels(edge_index, num_nodes)  # raises, naming a node on the cycle
 
-    Raises ValueError naming a node on a cycle when the graph has one.
-    """
+
+def _kahn_levels(edge_index: Tensor, num_nodes: int) -> Tensor:
+    """Longest-path depth by Kahn's algorithm, one tensor step per level; names a node on a cycle."""
     src, dst = edge_index
     remaining = torch.bincount(dst, minlength=num_nodes)
     order = torch.argsort(src, stable=True)
@@ -146,8 +157,10 @@ class DAG:
         return moved
 
     def reverse(self) -> "DAG":
-        """The DAG with every edge reversed (edge e of the result is edge e of self, flipped)."""
-        return DAG.from_edge_index(self.edge_index.flip(0), self.num_nodes)
+        """The DAG with every edge reversed (edge e of the result is edge e of self, flipped); its line graph
+        is this one's with every pair reversed."""
+        edges, lines = self.edge_index.cpu().flip(0), self.line_edges.cpu().flip(0)
+        return DAG(edges, self.num_nodes, lines, _levels(edges, self.num_nodes)).to(self.device)
 
     def __repr__(self) -> str:
         return (
