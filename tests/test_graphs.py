@@ -144,3 +144,19 @@ def test_training_script_quick_mode(tmp_path):
     missing = subprocess.run(command[:3] + ["Nope", "--data-root", str(tmp_path)], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("error:")
     assert "Traceback" not in missing.stderr
+
+
+def test_training_script_runs_folds_apart_and_merges(tmp_path):
+    script = str(ROOT / "train" / "graphs.py")
+    common = ["--dataset", "MUTAG", "--data-root", str(ROOT / "tests" / "data"), "--models", "gin", "--folds", "3",
+              "--epochs", "1"]
+    for part, folds in (("a", "0,2"), ("b", "1")):
+        subprocess.run([sys.executable, script, *common, "--only-folds", folds, "--out", str(tmp_path / part)],
+                       check=True, capture_output=True)
+    subprocess.run([sys.executable, script, "merge", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "all")],
+                   check=True, capture_output=True)
+    merged = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert [run["fold"] for run in merged["results"]["gin"]] == [0, 1, 2]
+    again = subprocess.run([sys.executable, script, "merge", str(tmp_path / "a"), str(tmp_path / "a"), str(tmp_path / "x")],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "more than one run" in again.stderr

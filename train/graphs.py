@@ -9,7 +9,8 @@ Regression (MoleculeNet, a CSV of SMILES): the same machinery with random folds,
     python train/graphs.py --csv micro_ZINC.csv --smiles-col SMILES --target-col logp --models plstm,gin ...
 
 TU datasets are read from DIR/NAME/raw (downloaded only with --download). Writes results.json and
-results.md (mean +- std per model) to --out.
+results.md (mean +- std per model) to --out. --only-folds runs part of the folds; `python train/graphs.py
+merge RUN_DIR ... OUT_DIR` combines such runs into the full protocol's table.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def load_csv(args):
 def make_model(name: str, in_channels: int, out_channels: int, edge_dim: int | None, args) -> nn.Module:
     if name == "plstm":
         return PLSTMGraphNet(in_channels, out_channels, hidden_channels=args.hidden, num_layers=args.layers,
-                             heads=args.heads, edge_dim=edge_dim, pooling="mean", dropout=args.dropout)
+                             heads=args.heads, edge_dim=edge_dim, pooling="mean", dropout=args.dropout,
+                             directions=args.directions)
     return BaselineGNN(name, in_channels, out_channels)
 
 
@@ -213,8 +215,13 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=2, help="pLSTM layers")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--directions", default="alternate", choices=("alternate", "both"),
+                        help="pLSTM: alternate forward/reverse DAGs over layers, or scan both in every layer")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only-folds", type=lambda text: [int(f) for f in text.split(",")],
+                        help="run these folds only (e.g. 0,1,2), to split the protocol over runs; "
+                             "combine them with: python train/graphs.py merge RUN_DIR ... OUT_DIR")
     parser.add_argument("--out", default="results/graphs")
     args = parser.parse_args(argv)
     names = args.models.split(",")
@@ -223,6 +230,8 @@ def parse_args(argv=None):
         parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.folds < 2:
         parser.error("--folds must be at least 2")
+    if args.only_folds is not None and not all(0 <= f < args.folds for f in args.only_folds):
+        parser.error(f"--only-folds must name folds in [0, {args.folds})")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     return args, names
@@ -238,26 +247,50 @@ def main(argv=None):
     out_channels = int(labels.max()) + 1 if task == "classification" else 1
     stratified = task == "classification"
     test_folds = folds(labels, args.folds, args.seed, stratified)
+    chosen = args.only_folds if args.only_folds is not None else list(range(args.folds))
     results = {name: [] for name in names}
     start = time.time()
-    with tqdm(total=len(names) * args.folds * args.epochs, desc=args.csv or args.dataset) as progress:
-        for fold, test_idx in enumerate(test_folds):
+    with tqdm(total=len(names) * len(chosen) * args.epochs, desc=args.csv or args.dataset) as progress:
+        for fold in chosen:
+            test_idx = test_folds[fold]
             train_idx = torch.tensor(sorted(set(range(len(graphs))) - set(test_idx.tolist())), dtype=torch.long)
             train_idx, val_idx = split_validation(train_idx, labels, args.val_fraction, args.seed + fold, stratified)
             for name in names:
                 result = run_fold(name, graphs, train_idx, val_idx, test_idx, task, out_channels, args, device, progress)
                 results[name].append(dict(fold=fold, **result))
-    table = summarize(results, task)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in vars(args).items()}
-    (out / "results.json").write_text(json.dumps(dict(config=config, task=task, seconds=time.time() - start,
-                                                      results=results), indent=2))
-    (out / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    write_results(Path(args.out), dict(config=vars(args), task=task, seconds=time.time() - start, results=results))
     return results
 
 
+def write_results(out: Path, record: dict) -> None:
+    table = summarize(record["results"], record["task"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+def merge(paths: list[str], out: Path) -> None:
+    """Combine runs of disjoint folds (--only-folds) of the same protocol into one record."""
+    records = [json.loads((Path(p) / "results.json").read_text()) for p in paths]
+    results = {}
+    for record in records:
+        for name, runs in record["results"].items():
+            results.setdefault(name, []).extend(runs)
+    for name, runs in results.items():
+        folds_seen = [run["fold"] for run in runs]
+        if len(set(folds_seen)) != len(folds_seen):
+            fail(f"fold(s) of {name} appear in more than one run: {sorted(folds_seen)}")
+        runs.sort(key=lambda run: run["fold"])
+    write_results(out, dict(config=records[0]["config"], task=records[0]["task"],
+                            seconds=sum(r["seconds"] for r in records), merged_from=paths, results=results))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "merge":
+        if len(sys.argv) < 4:
+            fail("usage: python train/graphs.py merge RUN_DIR [RUN_DIR ...] OUT_DIR")
+        merge(sys.argv[2:-1], Path(sys.argv[-1]))
+    else:
+        main()

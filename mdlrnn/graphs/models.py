@@ -22,23 +22,26 @@ def degree_encoding(edge_index: Tensor, num_nodes: int, channels: int) -> Tensor
 
 class PLSTMGraphNet(nn.Module):
     """Node and edge encoders (with a sinusoidal degree encoding), `num_layers` PLSTMConv blocks
-    (x + conv(norm x), then x + MLP(norm x)) alternating P/D modes and forward/reverse DAGs, mean or sum
-    pooling over each graph, and an MLP head.
+    (x + conv(norm x), then x + MLP(norm x)) alternating P/D modes and forward/reverse DAGs (or scanning
+    both directions in every layer: directions="both"), mean or sum pooling over each graph, and an MLP head.
 
     forward(x, edge_index, edge_attr=None, batch=None) -> (num_graphs, out_channels).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 96, num_layers: int = 2,
                  heads: int = 4, edge_dim: int | None = None, pooling: str = "mean", dropout: float = 0.0,
-                 order="index", backend: str = "auto"):
+                 order="index", directions: str = "alternate", backend: str = "auto"):
         super().__init__()
         if pooling not in ("mean", "sum"):
             raise ValueError(f"PLSTMGraphNet: `pooling` must be 'mean' or 'sum', got {pooling!r}")
+        if directions not in ("alternate", "both"):
+            raise ValueError(f"PLSTMGraphNet: `directions` must be 'alternate' or 'both', got {directions!r}")
+        direction = (lambda i: ("forward", "reverse")[i % 2]) if directions == "alternate" else (lambda i: "both")
         self.hidden_channels, self.pooling, self.order = hidden_channels, pooling, order
         self.node_encoder = nn.Linear(in_channels, hidden_channels)
         self.edge_encoder = nn.Linear(edge_dim, hidden_channels) if edge_dim else None
         self.convs = nn.ModuleList(
-            PLSTMConv(hidden_channels, hidden_channels, heads, mode="PD"[i % 2], direction=("forward", "reverse")[i % 2],
+            PLSTMConv(hidden_channels, hidden_channels, heads, mode="PD"[i % 2], direction=direction(i),
                       edge_dim=hidden_channels if edge_dim else None, backend=backend)
             for i in range(num_layers)
         )
