@@ -94,14 +94,14 @@ class PLSTMConv(nn.Module):
         z = self.node_gate(x).view(x.shape[0], len(self.directions), self.heads, 3)[:, index]
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         src, dst = dag.edge_index
-        on_edge = 0
+        on_edge = z.new_zeros(dag.num_edges, self.heads, 3)  # the edge features' share of each gate
         if self.edge_gate is not None:
             e = self.edge_gate(edge_attr.index_select(0, edge_ids))
             on_edge = e.view(-1, len(self.directions), self.heads, 3)[:, index].to(z.dtype)
-        source = torch.sigmoid(z[src, :, 0] + (on_edge[..., 0] if self.edge_gate is not None else 0))
-        mark = torch.sigmoid(z[dst, :, 1] + (on_edge[..., 1] if self.edge_gate is not None else 0))
+        source = torch.sigmoid(z[src, :, 0] + on_edge[..., 0])
+        mark = torch.sigmoid(z[dst, :, 1] + on_edge[..., 1])
         e_in, e_out = dag.line_edges
-        t = z[src[e_out], :, 2] + (on_edge[e_out, :, 2] if self.edge_gate is not None else 0)  # at the node passed
+        t = z[src[e_out], :, 2] + on_edge[e_out, :, 2]  # at the node the line edge passes
         if self.mode == "P":
             total = torch.zeros_like(source).index_add_(0, e_out, t.abs())
             transition = t / (0.5 + total[e_out])
