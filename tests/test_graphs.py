@@ -160,3 +160,16 @@ def test_training_script_runs_folds_apart_and_merges(tmp_path):
     again = subprocess.run([sys.executable, script, "merge", str(tmp_path / "a"), str(tmp_path / "a"), str(tmp_path / "x")],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "more than one run" in again.stderr
+
+
+def test_graph_net_errors():
+    with pytest.raises(ValueError, match="`pooling` must be 'mean' or 'sum'"):
+        PLSTMGraphNet(4, 2, pooling="max")
+    with pytest.raises(ValueError, match="`directions` must be 'alternate' or 'both'"):
+        PLSTMGraphNet(4, 2, directions="forward")
+    with pytest.raises(ValueError, match=r"`out_channels` \(10\) must be divisible by `heads` \(4\)"):
+        PLSTMConv(4, 10, heads=4)
+    with pytest.raises(ValueError, match=r"`edge_index` must be a \(2, E\) tensor"):
+        to_dag(torch.zeros(3, 4, dtype=torch.long), 5)
+    with pytest.raises(ValueError, match=r"nodes outside \[0, num_nodes=2\)"):
+        to_dag(torch.tensor([[0], [5]]), 2)

@@ -117,3 +117,12 @@ def test_layer_errors():
         PLSTM2D(16, 2)(torch.randn(2, 5, 16))
     with pytest.raises(ValueError, match=r"divisible by `num_heads`"):
         PLSTM2D(15, 2)
+
+
+def test_lightnet_layer_errors():
+    with pytest.raises(ValueError, match=r"LightNetAttention: `x` must have shape \(B, \*S, dim=16\)"):
+        LightNetAttention(16, 2)(torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"divisible by `num_heads`"):
+        LightNetAttention(15, 2)
+    with pytest.raises(ValueError, match=r"MDTPE: `x` must have shape \(B, \*S, dim=16\) with 2 spatial axes"):
+        MDTPE(16, 2, ndim=2)(torch.randn(2, 5, 16))
