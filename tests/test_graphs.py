@@ -16,6 +16,14 @@ from mdlrnn.testing import molecule_dag, relative_error  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def mutag_root(tmp_path):
+    """A data root whose MUTAG/raw is the vendored copy (PyG writes MUTAG/processed next to it)."""
+    (tmp_path / "data" / "MUTAG").mkdir(parents=True)
+    (tmp_path / "data" / "MUTAG" / "raw").symlink_to(ROOT / "tests" / "data" / "MUTAG" / "raw")
+    return str(tmp_path / "data")
+
+
 def undirected(edges):
     edges = torch.as_tensor(edges).T
     return torch.cat([edges, edges.flip(0)], 1)
@@ -130,10 +138,10 @@ def test_conv_errors():
         conv(torch.randn(3, 5), torch.tensor([[0], [1]]), torch.randn(1, 3))
 
 
-def test_training_script_quick_mode(tmp_path):
+def test_training_script_quick_mode(tmp_path, mutag_root):
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train" / "graphs.py"), "--dataset", "MUTAG", "--data-root",
-               str(ROOT / "tests" / "data"), "--models", "plstm,gin", "--folds", "2", "--epochs", "2", "--out", str(out)]
+               mutag_root, "--models", "plstm,gin", "--folds", "2", "--epochs", "2", "--out", str(out)]
     subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) == {"plstm", "gin"} and results["task"] == "classification"
@@ -146,9 +154,9 @@ def test_training_script_quick_mode(tmp_path):
     assert "Traceback" not in missing.stderr
 
 
-def test_training_script_runs_folds_apart_and_merges(tmp_path):
+def test_training_script_runs_folds_apart_and_merges(tmp_path, mutag_root):
     script = str(ROOT / "train" / "graphs.py")
-    common = ["--dataset", "MUTAG", "--data-root", str(ROOT / "tests" / "data"), "--models", "gin", "--folds", "3",
+    common = ["--dataset", "MUTAG", "--data-root", mutag_root, "--models", "gin", "--folds", "3",
               "--epochs", "1"]
     for part, folds in (("a", "0,2"), ("b", "1")):
         subprocess.run([sys.executable, script, *common, "--only-folds", folds, "--out", str(tmp_path / part)],
@@ -173,3 +181,22 @@ def test_graph_net_errors():
         to_dag(torch.zeros(3, 4, dtype=torch.long), 5)
     with pytest.raises(ValueError, match=r"nodes outside \[0, num_nodes=2\)"):
         to_dag(torch.tensor([[0], [5]]), 2)
+
+
+@pytest.mark.parametrize("source", ["csv", "moleculenet"])
+def test_training_script_regression_on_molecules(source, tmp_path):
+    pytest.importorskip("rdkit")
+    data = ROOT / "tests" / "data"
+    if source == "csv":
+        where = ["--csv", str(data / "micro_zinc_60.csv"), "--smiles-col", "SMILES", "--target-col", "logp"]
+    else:
+        where = ["--dataset", "FreeSolv", "--data-root", str(tmp_path / "root")]
+        (tmp_path / "root" / "freesolv").mkdir(parents=True)
+        (tmp_path / "root" / "freesolv" / "raw").symlink_to(data / "freesolv" / "raw")
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, str(ROOT / "train" / "graphs.py"), *where, "--models", "plstm,gin", "--folds", "2",
+                    "--epochs", "1", "--out", str(out)], check=True, capture_output=True)
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "regression"
+    assert all(run["test"]["mae"] >= 0 and run["test"]["rmse"] >= run["test"]["mae"]
+               for runs in results["results"].values() for run in runs)

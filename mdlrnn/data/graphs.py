@@ -14,7 +14,8 @@ def prepare_graph(graph):
     graph = copy.copy(graph)
     graph.x = graph.x.float() if graph.x is not None else torch.ones(graph.num_nodes, 1)
     if graph.edge_attr is not None:
-        graph.edge_attr = graph.edge_attr.float().reshape(graph.edge_index.shape[1], -1)
+        features = graph.edge_attr.shape[-1] if graph.edge_attr.dim() > 1 else 1
+        graph.edge_attr = graph.edge_attr.float().reshape(graph.edge_index.shape[1], features)
     return graph
 
 
