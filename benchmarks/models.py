@@ -65,8 +65,6 @@ def measure(name: str, size: int, batch: int) -> dict:
             result[f"{mode}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         except torch.OutOfMemoryError:
             result[f"{mode}_img_s"], result[f"{mode}_peak_gib"] = float("nan"), float("nan")
-    del model, optimizer
-    torch.cuda.empty_cache()
     return result
 
 
@@ -74,6 +72,7 @@ def measure_fitting(name: str, size: int, batch: int) -> dict:
     """measure() at the largest batch, halving from `batch`, at which training fits in memory."""
     while True:
         result = measure(name, size, batch)
+        torch.cuda.empty_cache()
         if result["training_img_s"] == result["training_img_s"] or batch == 1:  # not NaN: it fitted
             return dict(result, batch=batch)
         batch //= 2

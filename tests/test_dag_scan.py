@@ -41,10 +41,11 @@ def test_torch_matches_reference(family, generator, device):
     graph = DAG.from_edge_index(edge_index, num_nodes)
     inputs = dag_inputs(graph, 3, 4, 5, generator=generator)
     leaves = [inputs[k].requires_grad_() for k in NAMES]
-    outs, grads = [], []
+    outs, grads, weight = [], [], None
     for backend, where in (("reference", "cpu"), ("torch", device)):
         y = dag_scan(*(x.to(where) for x in leaves), graph.to(where), backend=backend).cpu()
-        weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
+        if weight is None:
+            weight = torch.randn(y.shape, generator=generator, dtype=y.dtype)
         outs.append(y)
         grads.append(torch.autograd.grad((y * weight).sum(), leaves, allow_unused=True, materialize_grads=True))
     assert outs[1].shape == (num_nodes, 3, 5)

@@ -16,10 +16,11 @@ def qkv(batch, sizes, heads, dk, dv, generator, dtype=torch.float64, spread=1.0)
 @pytest.mark.parametrize("sizes", [(1,), (10,), (1, 1), (1, 6), (6, 1), (5, 7), (2, 3, 4)], ids=str)
 def test_torch_matches_reference(mode, sizes, generator, device):
     leaves = [x.requires_grad_() for x in qkv(2, sizes, 2, 3, 4, generator)]
-    outs, grads = [], []
+    outs, grads, weight = [], [], None
     for backend, where in (("reference", "cpu"), ("torch", device)):
         y = lightnet_scan(*(x.to(where) for x in leaves), mode=mode, backend=backend).cpu()
-        weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
+        if weight is None:
+            weight = torch.randn(y.shape, generator=generator, dtype=y.dtype)
         outs.append(y)
         grads.append(torch.autograd.grad((y * weight).sum(), leaves))
     assert relative_error(outs[1], outs[0]) < 1e-12
@@ -69,11 +70,12 @@ def test_rotary_angles_match_reference(mode, sizes, generator, device):
     q, k, v = qkv(2, sizes, 2, 4, 3, generator)
     angles = 3 * torch.randn(q.shape, generator=generator, dtype=torch.float64)
     leaves = [x.requires_grad_() for x in (q, k, v, angles)]
-    outs, grads = [], []
+    outs, grads, weight = [], [], None
     for backend, where in (("reference", "cpu"), ("torch", device)):
         q_, k_, v_, a_ = (x.to(where) for x in leaves)
         y = lightnet_scan(q_, k_, v_, mode=mode, angles=a_, backend=backend).cpu()
-        weight = torch.randn(y.shape, generator=generator, dtype=y.dtype) if not outs else weight
+        if weight is None:
+            weight = torch.randn(y.shape, generator=generator, dtype=y.dtype)
         outs.append(y)
         grads.append(torch.autograd.grad((y * weight).sum(), leaves))
     assert relative_error(outs[1], outs[0]) < 1e-12
