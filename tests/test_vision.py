@@ -110,6 +110,10 @@ def test_constructor_arguments(name):
     model = model.to_empty(device="cpu")
     model.init_weights()
     assert torch.isfinite(model(torch.randn(1, 3, 64, 64))).all()
+    fresh = timm.create_model(name, **SMALL)  # init_weights gives what construction gives
+    for (key, after), before in zip(model.state_dict().items(), fresh.state_dict().values()):
+        if any(part in key for part in ("gate.bias", "direct", "decay", "norm", "mlp.fc1.bias", "head.bias")):
+            assert torch.allclose(after, before), key  # the deterministic initial values
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -20,6 +20,11 @@ __all__ = ["MDVisionTransformer", "checkpoint_filter_fn"]
 POOLS = ("corners", "avg", "")
 
 
+def _init_linear(linear: nn.Linear) -> None:
+    trunc_normal_(linear.weight, std=0.02)
+    nn.init.zeros_(linear.bias)
+
+
 class Block(nn.Module):
     """x + mixer(RMSNorm x), then x + MLP(RMSNorm x)."""
 
@@ -31,9 +36,14 @@ class Block(nn.Module):
         self.norm2 = nn.RMSNorm(dim, eps=1e-6, **dd)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        for linear in (self.mlp.fc1, self.mlp.fc2):
-            trunc_normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
+        _init_linear(self.mlp.fc1)
+        _init_linear(self.mlp.fc2)
+
+    def reset_parameters(self) -> None:
+        for module in (self.norm1, self.mixer, self.norm2):
+            module.reset_parameters()
+        _init_linear(self.mlp.fc1)
+        _init_linear(self.mlp.fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path1(self.mixer(self.norm1(x)))
@@ -102,23 +112,27 @@ class MDVisionTransformer(nn.Module):
         if num_classes <= 0:
             return nn.Identity()
         head = nn.Linear(self.head_hidden_size, num_classes, **dd)
-        trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
+        _init_linear(head)
         return head
 
     def init_weights(self) -> None:
-        """Initialise every parameter afresh (e.g. after building on the meta device and `to_empty`)."""
-        trunc_normal_(self.pos_embed, std=0.02)
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
+        """Initialise every parameter afresh (e.g. after building on the meta device and `to_empty`).
+
+        A module with its own reset_parameters (blocks, mixers, norms, the patch projection) initialises its
+        whole subtree; its children are not reset after it, which would undo its choices (gate biases)."""
+
+        def reset(module: nn.Module) -> None:
+            if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        for block in self.blocks:
-            for linear in (block.mlp.fc1, block.mlp.fc2):
-                trunc_normal_(linear.weight, std=0.02)
-                nn.init.zeros_(linear.bias)
+            else:
+                for child in module.children():
+                    reset(child)
+
+        trunc_normal_(self.pos_embed, std=0.02)
+        for child in self.children():
+            reset(child)
         if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            _init_linear(self.head)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
