@@ -43,15 +43,15 @@ def _transfer(plan: TilePlan, source, transition, mark, direct):
     """phi (R, P_t, N, P_t + E) and G (R, P_t, P_t + E) for every tile.
 
     phi[p, a] weighs each local source and each entering border edge in the state leaving p along a;
-    G[p] weighs them in the marked sum that q_p reads, and G[p, p] = D[p] (direct may be None). phi = L phi + rhs is unit lower-triangular and L
-    links consecutive hyperplanes only: phi_d = rhs_d + L_d phi_{d-1}, one batched product per hyperplane
-    (one triangular solve for long 1D chunks).
+    G[p] weighs them in the marked sum that q_p reads, and G[p, p] = D[p] (direct may be None).
+    phi = L phi + rhs is unit lower-triangular and L links consecutive hyperplanes only:
+    phi_d = rhs_d + L_d phi_{d-1}, one batched product per hyperplane (one triangular solve for long 1D chunks).
     """
     rows, size, ndim = source.shape[0], plan.tile_size, source.shape[-1]
     edges, width = size * ndim, size + plan.num_border
-    gates = [source.flatten(1), transition.flatten(1), mark.flatten(1)]
+    values = [source, transition, mark] + ([] if direct is None else [direct])
     placement = plan.gates if direct is None else plan.gates_direct
-    gates = torch.cat(gates if direct is None else [*gates, direct.flatten(1)], 1)
+    gates = torch.cat([x.flatten(1) for x in values], 1)
     dense = gates.new_zeros(rows, sum(plan.sections))
     dense.index_copy_(1, placement.target, gates.index_select(1, placement.source))
     *lower, rhs, mark_lower, mark_border = dense.split(plan.sections, 1)
