@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops import DAG, dag_scan
-from .dag import to_dag
+from .dag import orient_on_host
 
 __all__ = ["GraphDAGs", "PLSTMConv", "build_dags"]
 
@@ -17,15 +17,26 @@ class GraphDAGs:
     """A graph's forward DAG, its reverse, and the edge_index column of every DAG edge (built once per batch,
     shared by all layers)."""
 
-    def __init__(self, forward: DAG, edge_ids: Tensor):
-        self.forward, self.reverse, self.edge_ids = forward, forward.reverse(), edge_ids
+    def __init__(self, forward: DAG, reverse: DAG, edge_ids: Tensor):
+        self.forward, self.reverse, self.edge_ids = forward, reverse, edge_ids
 
     def get(self, direction: str) -> DAG:
         return self.forward if direction == "forward" else self.reverse
 
 
 def build_dags(edge_index: Tensor, num_nodes: int, order="index", batch: Tensor | None = None) -> GraphDAGs:
-    return GraphDAGs(*to_dag(edge_index, num_nodes, order=order, batch=batch))
+    """Both DAGs of a graph (or batch), built on the host and moved to edge_index's device."""
+    forward, edge_ids = orient_on_host(edge_index, num_nodes, order=order, batch=batch)
+    device = edge_index.device
+    return GraphDAGs(forward.to(device), forward.reverse().to(device), edge_ids.to(device))
+
+
+def _multitree_mask(dag: DAG) -> Tensor:
+    """D-mode's pruning: of the line edges entering each edge, only the one from its first incoming edge."""
+    e_in, e_out = dag.line_edges
+    first = torch.full((dag.num_edges,), dag.num_edges, dtype=torch.long, device=dag.device)
+    first = first.scatter_reduce(0, e_out, e_in, reduce="amin")
+    return (e_in == first.index_select(0, e_out)).to(torch.float32)
 
 
 class PLSTMConv(nn.Module):
@@ -94,21 +105,20 @@ class PLSTMConv(nn.Module):
         z = self.node_gate(x).view(x.shape[0], len(self.directions), self.heads, 3)[:, index]
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         src, dst = dag.edge_index
-        on_edge = z.new_zeros(dag.num_edges, self.heads, 3)  # the edge features' share of each gate
-        if self.edge_gate is not None:
+        # index_select, not advanced indexing: its backward is an index_add, not a sort-based index_put
+        at_src, at_dst = z.index_select(0, src), z.index_select(0, dst)
+        if self.edge_gate is not None:  # the edge features' share of each gate
             e = self.edge_gate(edge_attr.index_select(0, edge_ids))
-            on_edge = e.view(-1, len(self.directions), self.heads, 3)[:, index].to(z.dtype)
-        source = torch.sigmoid(z[src, :, 0] + on_edge[..., 0])
-        mark = torch.sigmoid(z[dst, :, 1] + on_edge[..., 1])
-        e_in, e_out = dag.line_edges
-        t = z[src[e_out], :, 2] + on_edge[e_out, :, 2]  # at the node the line edge passes
+            e = e.view(-1, len(self.directions), self.heads, 3)[:, index].to(z.dtype)
+            at_src, at_dst = at_src + e, at_dst + e
+        source, mark = torch.sigmoid(at_src[..., 0]), torch.sigmoid(at_dst[..., 1])
+        e_out = dag.line_edges[1]
+        t = at_src[..., 2].index_select(0, e_out)  # at the node the line edge passes: src(e_out)
         if self.mode == "P":
             total = torch.zeros_like(source).index_add_(0, e_out, t.abs())
-            transition = t / (0.5 + total[e_out])
+            transition = t / (0.5 + total.index_select(0, e_out))
         else:
-            first = torch.full((dag.num_edges,), dag.num_edges, dtype=torch.long, device=x.device)
-            first = first.scatter_reduce(0, e_out, e_in, reduce="amin")
-            transition = torch.tanh(t) * (e_in == first[e_out]).unsqueeze(-1)
+            transition = torch.tanh(t) * dag.derived("multitree", _multitree_mask).unsqueeze(-1)
         return source, transition, mark
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor | None = None, batch: Tensor | None = None,

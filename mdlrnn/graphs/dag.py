@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -80,37 +81,55 @@ def to_dag(edge_index: Tensor, num_nodes: int, order="index", directed: bool = F
     with on_cycle="break", the edges against the node order are dropped. Self-loops are dropped.
 
     Returns the DAG and, for each of its edges, the column of edge_index it came from (to gather edge
-    features). The reverse DAG is `dag.reverse()` with the same edge numbering.
+    features), both on edge_index's device. The reverse DAG is `dag.reverse()` with the same edge numbering.
     """
+    dag, ids = orient_on_host(edge_index, num_nodes, order, directed, on_cycle, batch, root)
+    return dag.to(edge_index.device), ids.to(edge_index.device)
+
+
+def orient_on_host(edge_index: Tensor, num_nodes: int, order="index", directed: bool = False, on_cycle: str = "raise",
+                   batch: Tensor | None = None, root: Tensor | None = None) -> tuple[DAG, Tensor]:
+    """to_dag computed on the host (as DAG.from_edge_index is), returned there: move with DAG.to."""
     if on_cycle not in ("raise", "break"):
         raise ValueError(f"to_dag: `on_cycle` must be 'raise' or 'break', got {on_cycle!r}")
     if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
         shape = tuple(edge_index.shape) if isinstance(edge_index, Tensor) else type(edge_index).__name__
         raise ValueError(f"to_dag: `edge_index` must be a (2, E) tensor, got {shape}")
-    edge_index = edge_index.long()
-    if edge_index.numel() and (edge_index.min() < 0 or edge_index.max() >= num_nodes):
+    edge_index = edge_index.detach().to("cpu", torch.long)
+    batch, root = (x.cpu() if isinstance(x, Tensor) else x for x in (batch, root))
+    order = order.cpu() if isinstance(order, Tensor) else order
+    edges = edge_index.numpy()
+    if edges.size and (edges.min() < 0 or edges.max() >= num_nodes):
         raise ValueError(f"to_dag: `edge_index` holds nodes outside [0, num_nodes={num_nodes})")
-    src, dst = edge_index
-    ids = torch.arange(src.numel(), device=src.device)
-    not_loop = src != dst
+    src, dst = edges
     if directed:
+        not_loop = np.flatnonzero(src != dst)
         try:
-            return DAG.from_edge_index(edge_index[:, not_loop], num_nodes), ids[not_loop]
+            return _dag(edges, not_loop, num_nodes)
         except ValueError as error:
             if on_cycle == "raise" or "cycle" not in str(error):
                 raise
-        rank = node_rank(edge_index, num_nodes, order, batch, root)
-        keep = rank[src] < rank[dst]
-        return DAG.from_edge_index(edge_index[:, keep], num_nodes), ids[keep]
+        rank = node_rank(edge_index, num_nodes, order, batch, root).numpy()
+        return _dag(edges, np.flatnonzero(rank[src] < rank[dst]), num_nodes)
 
-    rank = node_rank(edge_index, num_nodes, order, batch, root)
+    rank = node_rank(edge_index, num_nodes, order, batch, root).numpy()
     forward = rank[src] < rank[dst]
     backward = rank[src] > rank[dst]
     # a backward copy is kept (flipped) only where its mirror is missing among the forward edges
     forward_keys = src[forward] * num_nodes + dst[forward]
     mirror_keys = dst[backward] * num_nodes + src[backward]
-    lonely = torch.zeros_like(backward)
-    lonely[backward] = ~torch.isin(mirror_keys, forward_keys)
-    keep = forward | lonely
-    oriented = torch.where(forward, edge_index, edge_index.flip(0))[:, keep]
-    return DAG.from_edge_index(oriented, num_nodes), ids[keep]
+    lonely = np.zeros_like(backward)
+    lonely[backward] = ~_contains(np.sort(forward_keys), mirror_keys)
+    return _dag(np.where(forward, edges, edges[::-1]), np.flatnonzero(forward | lonely), num_nodes)
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """keys found in sorted_keys (a binary search: np.isin is many times slower at these sizes)."""
+    if not sorted_keys.size:
+        return np.zeros(keys.shape, dtype=bool)
+    return sorted_keys[np.minimum(np.searchsorted(sorted_keys, keys), sorted_keys.size - 1)] == keys
+
+
+def _dag(edges: np.ndarray, kept: np.ndarray, num_nodes: int) -> tuple[DAG, Tensor]:
+    """The DAG of the columns `kept` of edges, and those column numbers."""
+    return DAG.from_edge_index(torch.from_numpy(edges[:, kept]), num_nodes), torch.from_numpy(kept)

@@ -4,65 +4,74 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 from torch import Tensor
 
 
-def _levels(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Longest-path depth of every node: depth[w] = max over edges u -> w of depth[u] + 1, relaxed once per
-    level (a scatter-max over all edges) until nothing changes. Raises ValueError naming a node on a cycle
-    when the graph has one (then the relaxation would never settle)."""
-    src, dst = edge_index
-    depth = torch.zeros(num_nodes, dtype=torch.long)
-    for _ in range(num_nodes + 1):
-        deeper = depth.scatter_reduce(0, dst, depth[src] + 1, reduce="amax")
-        if torch.equal(deeper, depth):
-            return depth
-        depth = deeper
-    return _kahn_levels(edge_index, num_nodes)  # raises, naming a node on the cycle
-
-
-def _kahn_levels(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """Longest-path depth by Kahn's algorithm, one tensor step per level; names a node on a cycle."""
-    src, dst = edge_index
-    remaining = torch.bincount(dst, minlength=num_nodes)
-    order = torch.argsort(src, stable=True)
-    out_degree = torch.bincount(src, minlength=num_nodes)
-    out_start = torch.cumsum(out_degree, 0) - out_degree
-    depth = torch.full((num_nodes,), -1, dtype=torch.long)
-    frontier = (remaining == 0).nonzero().squeeze(1)
+def _levels(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> np.ndarray:
+    """Longest-path depth of every node by Kahn's algorithm, one vectorised step per level (work in
+    proportion to the edges, whatever the depth); raises ValueError naming a node on a cycle."""
+    remaining = np.bincount(dst, minlength=num_nodes)
+    by_source, out_start, out_degree = _adjacency(src, num_nodes)
+    depth = np.full(num_nodes, -1, dtype=np.int64)
+    frontier = np.flatnonzero(remaining == 0)
     level = 0
-    while frontier.numel():
+    while frontier.size:
         depth[frontier] = level
-        edges = order[_ranges(out_start[frontier], out_degree[frontier])]
-        targets = dst[edges]
-        remaining.index_add_(0, targets, torch.full_like(targets, -1))
-        frontier = torch.unique(targets[remaining[targets] == 0])
+        targets = dst[by_source[_ranges(out_start[frontier], out_degree[frontier])]]
+        if targets.size * 8 >= num_nodes:  # a wide level: dense counts beat sorting
+            arrivals = np.bincount(targets, minlength=num_nodes)
+            remaining -= arrivals
+            frontier = np.flatnonzero((arrivals > 0) & (remaining == 0))
+        else:
+            targets, arrivals = np.unique(targets, return_counts=True)
+            remaining[targets] -= arrivals
+            frontier = targets[remaining[targets] == 0]
         level += 1
     if (depth < 0).any():
-        raise ValueError(f"DAG.from_edge_index: `edge_index` has a cycle through node {_node_on_cycle(edge_index, depth < 0)}")
+        raise ValueError(f"DAG.from_edge_index: `edge_index` has a cycle through node {_node_on_cycle(src, dst, depth < 0)}")
     return depth
 
 
-def _ranges(starts: Tensor, lengths: Tensor) -> Tensor:
+def _adjacency(src: np.ndarray, num_nodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Edges grouped by source: their ids, where each node's group starts, and its size."""
+    out_degree = np.bincount(src, minlength=num_nodes)
+    return np.argsort(src, kind="stable"), np.cumsum(out_degree) - out_degree, out_degree
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Concatenation of arange(start, start + length) for each pair, without a Python loop."""
-    total = int(lengths.sum())
-    offsets = torch.arange(total) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
-    return torch.repeat_interleave(starts, lengths) + offsets
+    offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + offsets
 
 
-def _node_on_cycle(edge_index: Tensor, unvisited: Tensor) -> int:
+def _node_on_cycle(src: np.ndarray, dst: np.ndarray, unvisited: np.ndarray) -> int:
     """Every node Kahn's algorithm left has a predecessor it also left: walking back must repeat a node."""
-    src, dst = edge_index
     inside = unvisited[src] & unvisited[dst]
-    predecessor = torch.full_like(unvisited, -1, dtype=torch.long)
+    predecessor = np.full(unvisited.shape, -1, dtype=np.int64)
     predecessor[dst[inside]] = src[inside]
-    predecessor = predecessor.tolist()
-    node, seen = int(unvisited.nonzero()[0]), set()
+    node, seen = int(np.flatnonzero(unvisited)[0]), set()
     while node not in seen:
         seen.add(node)
-        node = predecessor[node]
+        node = int(predecessor[node])
     return node
+
+
+def _group(keys: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices sorted by key (stable), and (num_keys + 1,) offsets of each key's run."""
+    offsets = np.zeros(num_keys + 1, dtype=np.int64)
+    np.cumsum(np.bincount(keys, minlength=num_keys), out=offsets[1:])
+    return np.argsort(keys, kind="stable"), offsets
+
+
+def _line_edges(src: np.ndarray, dst: np.ndarray, num_nodes: int) -> np.ndarray:
+    """All pairs (e_in, e_out) with dst(e_in) == src(e_out), grouped by e_in."""
+    by_source, out_start, out_degree = _adjacency(src, num_nodes)
+    followers = out_degree[dst]
+    e_in = np.repeat(np.arange(src.size), followers)
+    e_out = by_source[_ranges(out_start[dst], followers)]
+    return np.stack([e_in, e_out])
 
 
 class DAG:
@@ -73,23 +82,46 @@ class DAG:
         line_edges: (2, P) every pair (e_in, e_out) of consecutive edges, dst(e_in) == src(e_out).
         node_level: (Nn,) longest-path depth of each node.
         edge_level: (E,) depth of each edge's source; every predecessor of an edge is on a lower level.
-        edge_order, edge_bounds: edges sorted by level; level l is edge_order[edge_bounds[l]:edge_bounds[l+1]].
-        line_by_out, line_out_bounds: line edges grouped by the level of e_out (the forward schedule).
-        line_by_in, line_in_bounds: line edges grouped by the level of e_in (the backward schedule).
 
-    A batch of graphs (PyG-style, disjoint components) is one DAG.
+    The schedule of the parallel scans, in the frame of level-sorted edges ("positions"):
+        edge_order, edge_bounds: edges sorted by level; level l is edge_order[edge_bounds[l]:edge_bounds[l+1]].
+        level_ptr: edge_bounds as a tensor (for kernels).
+        sorted_src, sorted_dst: (E,) endpoints of the level-sorted edges.
+        line_by_out, line_out_ptr: line edges sorted by the position of e_out, and (E + 1,) offsets: the line
+            edges entering position p are line_by_out[line_out_ptr[p]:line_out_ptr[p + 1]] (forward scan).
+        fwd_in, fwd_out: (P,) positions of e_in and e_out of the line edges in that order.
+        line_by_in, line_in_ptr, bwd_in, bwd_out: the same grouped by e_in (the backward scan).
+        line_out_bounds, line_in_bounds: where each level starts in those orders (Python ints).
+
+    Everything is computed on the host (numpy: small integer work, cheaper there than as GPU launches or
+    multi-threaded CPU ops) at construction and moved to a device in one copy. A batch of
+    graphs (PyG-style, disjoint components) is one DAG.
     """
 
-    def __init__(self, edge_index: Tensor, num_nodes: int, line_edges: Tensor, node_level: Tensor):
-        self.edge_index = edge_index
+    def __init__(self, edge_index: np.ndarray, num_nodes: int, line_edges: np.ndarray, node_level: np.ndarray):
+        """From int64 arrays on the host (build with from_edge_index)."""
+        src, dst = edge_index
+        num_edges = src.size
+        edge_level = node_level[src]
+        num_levels = int(edge_level.max()) + 1 if num_edges else 0
+        edge_order, level_ptr = _group(edge_level, num_levels)
+        position = np.empty_like(edge_order)
+        position[edge_order] = np.arange(num_edges)
+        pos_in, pos_out = position[line_edges]
+        line_by_out, line_out_ptr = _group(pos_out, num_edges)
+        line_by_in, line_in_ptr = _group(pos_in, num_edges)
+        arrays = dict(
+            edge_index=edge_index, line_edges=line_edges, node_level=node_level, edge_level=edge_level,
+            edge_order=edge_order, level_ptr=level_ptr, sorted_src=src[edge_order], sorted_dst=dst[edge_order],
+            line_by_out=line_by_out, line_out_ptr=line_out_ptr, fwd_in=pos_in[line_by_out], fwd_out=pos_out[line_by_out],
+            line_by_in=line_by_in, line_in_ptr=line_in_ptr, bwd_in=pos_in[line_by_in], bwd_out=pos_out[line_by_in],
+        )
+        for name, array in arrays.items():
+            setattr(self, name, torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)))
         self.num_nodes = num_nodes
-        self.line_edges = line_edges
-        self.node_level = node_level
-        self.edge_level = node_level[edge_index[0]]
-        num_levels = int(self.edge_level.max()) + 1 if self.num_edges else 0
-        self.edge_order, self.edge_bounds = _group(self.edge_level, num_levels)
-        self.line_by_out, self.line_out_bounds = _group(self.edge_level[line_edges[1]], num_levels)
-        self.line_by_in, self.line_in_bounds = _group(self.edge_level[line_edges[0]], num_levels)
+        self.edge_bounds = tuple(level_ptr.tolist())
+        self.line_out_bounds = tuple(line_out_ptr[level_ptr].tolist())
+        self.line_in_bounds = tuple(line_in_ptr[level_ptr].tolist())
         self._derived = {}
 
     def derived(self, key, build):
@@ -101,7 +133,7 @@ class DAG:
     @classmethod
     def from_edge_index(cls, edge_index: Tensor, num_nodes: int) -> "DAG":
         """Build from a (2, E) integer tensor of directed edges; raises ValueError on cycles, self-loops
-        and out-of-range indices."""
+        and out-of-range indices. The DAG lives on edge_index's device."""
         where = "DAG.from_edge_index"
         if not isinstance(edge_index, Tensor):
             raise TypeError(f"{where}: `edge_index` must be a torch.Tensor, got {type(edge_index).__name__}")
@@ -114,20 +146,18 @@ class DAG:
         if not isinstance(num_nodes, numbers.Integral) or isinstance(num_nodes, bool) or num_nodes < 0:
             raise ValueError(f"{where}: `num_nodes` must be a non-negative int, got {num_nodes!r}")
         num_nodes = int(num_nodes)
-        device = edge_index.device
-        edges = edge_index.detach().to("cpu", torch.long)
-        if edges.numel():
+        edges = edge_index.detach().to("cpu", torch.long).numpy()
+        if edges.size:
             low, high = int(edges.min()), int(edges.max())
             if low < 0 or high >= num_nodes:
                 bad = low if low < 0 else high
                 raise ValueError(f"{where}: `edge_index` holds node {bad}, outside [0, num_nodes={num_nodes})")
-            loops = (edges[0] == edges[1]).nonzero()
-            if loops.numel():
-                raise ValueError(f"{where}: `edge_index` has a self-loop at node {int(edges[0, loops[0, 0]])}")
-        node_level = _levels(edges, num_nodes)
-        line_edges = _line_edges(edges, num_nodes)
-        graph = cls(edges, num_nodes, line_edges, node_level)
-        return graph.to(device)
+            loops = np.flatnonzero(edges[0] == edges[1])
+            if loops.size:
+                raise ValueError(f"{where}: `edge_index` has a self-loop at node {int(edges[0, loops[0]])}")
+        src, dst = edges
+        graph = cls(edges, num_nodes, _line_edges(src, dst, num_nodes), _levels(src, dst, num_nodes))
+        return graph.to(edge_index.device)
 
     @property
     def num_edges(self) -> int:
@@ -146,21 +176,27 @@ class DAG:
         return self.edge_index.device
 
     def to(self, device) -> "DAG":
-        """A copy on `device` (self when already there)."""
+        """A copy on `device` (self when already there); all index tensors travel in one transfer."""
         device = torch.device(device)
         if device == self.device:
             return self
+        names = [name for name, value in vars(self).items() if isinstance(value, Tensor)]
+        tensors = [getattr(self, name).reshape(-1) for name in names]
+        # each tensor starts on a 16-byte boundary of the packed copy (what kernels assume of pointers)
+        padded = [torch.cat([x, x.new_zeros(-x.numel() % 2)]) for x in tensors]
+        packed = torch.cat(padded).to(device)
         moved = object.__new__(DAG)
-        for name, value in vars(self).items():
-            setattr(moved, name, value.to(device) if isinstance(value, Tensor) else value)
+        moved.__dict__.update(vars(self))
+        for name, x, part in zip(names, tensors, packed.split([x.numel() for x in padded])):
+            setattr(moved, name, part[: x.numel()].view(getattr(self, name).shape))
         moved._derived = {}
         return moved
 
     def reverse(self) -> "DAG":
         """The DAG with every edge reversed (edge e of the result is edge e of self, flipped); its line graph
         is this one's with every pair reversed."""
-        edges, lines = self.edge_index.cpu().flip(0), self.line_edges.cpu().flip(0)
-        return DAG(edges, self.num_nodes, lines, _levels(edges, self.num_nodes)).to(self.device)
+        edges, lines = self.edge_index.cpu().numpy()[::-1], self.line_edges.cpu().numpy()[::-1]
+        return DAG(edges, self.num_nodes, lines, _levels(*edges, self.num_nodes)).to(self.device)
 
     def __repr__(self) -> str:
         return (
@@ -169,19 +205,3 @@ class DAG:
         )
 
 
-def _group(levels: Tensor, num_levels: int) -> tuple[Tensor, tuple[int, ...]]:
-    """Indices sorted by level, and where each level starts."""
-    counts = torch.bincount(levels, minlength=num_levels)
-    return torch.argsort(levels, stable=True), (0, *torch.cumsum(counts, 0).tolist())
-
-
-def _line_edges(edge_index: Tensor, num_nodes: int) -> Tensor:
-    """All pairs (e_in, e_out) with dst(e_in) == src(e_out), grouped by e_in."""
-    src, dst = edge_index
-    order = torch.argsort(src, stable=True)
-    out_degree = torch.bincount(src, minlength=num_nodes)
-    out_start = torch.cumsum(out_degree, 0) - out_degree
-    followers = out_degree[dst]
-    e_in = torch.repeat_interleave(torch.arange(src.numel()), followers)
-    e_out = order[_ranges(out_start[dst], followers)]
-    return torch.stack([e_in, e_out])
