@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from mdlrnn import DAG, dag_scan, grid_scan
+from mdlrnn import DAG, dag_scan, grid_scan, kernels
 from mdlrnn.testing import (
     dag_inputs,
     disjoint_union,
@@ -16,6 +16,13 @@ from mdlrnn.testing import (
 )
 
 NAMES = ("q", "k", "v", "source", "transition", "mark", "direct")
+FAST = ("torch", "triton")
+
+
+def runnable(backend, device):
+    """The Triton kernels run on CUDA, or on the CPU in the interpreter (CI); a GPU machine tests them on CUDA."""
+    if backend == "triton" and not kernels.usable(torch.device(device)):
+        pytest.skip("Triton kernels on the CPU run in CI's interpreter (TRITON_INTERPRET=1)")
 
 
 def families(gen):
@@ -35,15 +42,17 @@ def families(gen):
     }
 
 
+@pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("family", ["single", "isolated", "chain", "tree", "parallel", "grid", "layered", "batch"])
-def test_torch_matches_reference(family, generator, device):
+def test_fast_path_matches_reference(family, backend, generator, device):
+    runnable(backend, device)
     edge_index, num_nodes = families(generator)[family]
     graph = DAG.from_edge_index(edge_index, num_nodes)
     inputs = dag_inputs(graph, 3, 4, 5, generator=generator)
     leaves = [inputs[k].requires_grad_() for k in NAMES]
     outs, grads, weight = [], [], None
-    for backend, where in (("reference", "cpu"), ("torch", device)):
-        y = dag_scan(*(x.to(where) for x in leaves), graph.to(where), backend=backend).cpu()
+    for name, where in (("reference", "cpu"), (backend, device)):
+        y = dag_scan(*(x.to(where) for x in leaves), graph.to(where), backend=name).cpu()
         if weight is None:
             weight = torch.randn(y.shape, generator=generator, dtype=y.dtype)
         outs.append(y)
@@ -54,11 +63,39 @@ def test_torch_matches_reference(family, generator, device):
         assert relative_error(a, b) < 1e-12, name
 
 
-def test_gradcheck(generator):
-    graph = DAG.from_edge_index(layered_dag(3, 3, 0.8, generator), 9)
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck(backend, generator, device):
+    runnable(backend, device)
+    graph = DAG.from_edge_index(layered_dag(3, 3, 0.8, generator), 9).to(device)
     inputs = dag_inputs(graph, 2, 2, 3, generator=generator)
-    leaves = [inputs[k].requires_grad_() for k in NAMES]
-    assert torch.autograd.gradcheck(lambda *xs: dag_scan(*xs, graph, backend="torch"), leaves)
+    leaves = [inputs[k].to(device).requires_grad_() for k in NAMES]
+    # fast mode (random projections) keeps the interpreter's many kernel calls affordable; CUDA's index_add
+    # accumulates in any order, so repeated backward passes may differ in the last bits
+    tolerance = 1e-12 if device.type == "cuda" else 0.0
+    assert torch.autograd.gradcheck(lambda *xs: dag_scan(*xs, graph, backend=backend), leaves,
+                                    fast_mode=backend == "triton", nondet_tol=tolerance)
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", FAST)
+def test_reduced_precision_against_float64(backend, dtype, bound, generator, device):
+    """Inputs rounded to `dtype` once; the float64 reference on those rounded inputs is the target."""
+    runnable(backend, device)
+    graphs = [molecule_dag(int(n), 2, generator) for n in torch.randint(2, 40, (5,), generator=generator)]
+    edges, total = disjoint_union(graphs, [int(e.max()) + 1 for e in graphs])
+    graph = DAG.from_edge_index(edges, total)
+    inputs = {k: x.to(dtype) for k, x in dag_inputs(graph, 2, 16, 24, generator=generator).items()}
+    leaves = [inputs[k].to(device).requires_grad_() for k in NAMES]
+    y = dag_scan(*leaves, graph.to(device), backend=backend)
+    assert y.dtype == dtype
+    weight = torch.randn(y.shape, generator=generator).to(device, dtype)
+    grads = torch.autograd.grad((y * weight).float().sum(), leaves)
+    exact = [inputs[k].double().requires_grad_() for k in NAMES]
+    ref = dag_scan(*exact, graph, backend="reference")
+    ref_grads = torch.autograd.grad((ref * weight.cpu().double()).sum(), exact)
+    assert relative_error(y, ref) < bound
+    for name, a, b in zip(NAMES, grads, ref_grads):
+        assert relative_error(a, b) < bound, name
 
 
 @pytest.mark.parametrize("sizes", [(6,), (1, 1), (4, 7), (7, 1), (2, 3, 4)], ids=str)
@@ -124,14 +161,16 @@ def test_empty_graph():
     assert dag_scan(empty, empty, empty, none, none, none, None, nothing).shape == (0, 2, 3)
 
 
-def test_long_chain_finite_float32():
-    n = 3000
-    graph = DAG.from_edge_index(torch.stack([torch.arange(n - 1), torch.arange(1, n)]), n)
+@pytest.mark.parametrize("backend", FAST)
+def test_long_chain_finite_float32(backend, device):
+    runnable(backend, device)
+    n = 3000 if device.type == "cuda" or backend == "torch" else 300  # the interpreter: ~10 ms a level
+    graph = DAG.from_edge_index(torch.stack([torch.arange(n - 1), torch.arange(1, n)]), n).to(device)
     gen = torch.Generator().manual_seed(0)
     inputs = dag_inputs(graph, 2, 8, 8, generator=gen, dtype=torch.float32)
     inputs["transition"] = torch.sign(inputs["transition"])  # |T| = 1 all along the chain
-    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
-    y = dag_scan(**leaves, graph=graph)
+    leaves = {k: v.to(device).requires_grad_() for k, v in inputs.items()}
+    y = dag_scan(**leaves, graph=graph, backend=backend)
     assert torch.isfinite(y).all()
     y.square().mean().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves.values())

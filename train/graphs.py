@@ -102,7 +102,7 @@ def load_csv(args):
 def make_model(name: str, in_channels: int, out_channels: int, edge_dim: int | None, args) -> nn.Module:
     if name == "plstm":
         return PLSTMGraphNet(in_channels, out_channels, hidden_channels=args.hidden, num_layers=args.layers,
-                             heads=args.heads, edge_dim=edge_dim, pooling="mean", dropout=args.dropout,
+                             heads=args.heads, edge_dim=edge_dim, pooling=args.pooling, dropout=args.dropout,
                              directions=args.directions)
     return BaselineGNN(name, in_channels, out_channels)
 
@@ -215,6 +215,7 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=2, help="pLSTM layers")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--pooling", default="mean", choices=("mean", "sum"), help="pLSTM graph pooling")
     parser.add_argument("--directions", default="alternate", choices=("alternate", "both"),
                         help="pLSTM: alternate forward/reverse DAGs over layers, or scan both in every layer")
     parser.add_argument("--seed", type=int, default=42)

@@ -49,9 +49,9 @@ def check_qkv(op: str, q, k, v, layout: str) -> None:
     check_same_device(op, q, k=k, v=v)
 
 
-def check_backend(op: str, backend) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"{op}: `backend` must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+def check_backend(op: str, backend, allowed: Sequence[str] = BACKENDS) -> None:
+    if backend not in allowed:
+        raise ValueError(f"{op}: `backend` must be one of {', '.join(map(repr, allowed))}; got {backend!r}")
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:

@@ -4,14 +4,34 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_backend, check_qkv, check_same_device, check_shape, compute_dtype
+from .._checks import (
+    check_backend,
+    check_qkv,
+    check_same_device,
+    check_shape,
+    compute_dtype,
+)
 from .graph import DAG
 from .level import dag_scan_torch
 from .naive import dag_scan_reference
 
 __all__ = ["DAG", "dag_scan", "dag_scan_reference", "dag_scan_torch"]
 
-_BACKENDS = {"reference": dag_scan_reference, "torch": dag_scan_torch}
+_BACKENDS = ("auto", "reference", "torch", "triton")
+
+
+def _backend_function(op: str, backend: str, device: torch.device):
+    """"auto": the Triton kernels on CUDA, the torch path elsewhere."""
+    from ... import kernels
+
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and kernels.usable(device) else "torch"
+    if backend == "triton":
+        kernels.require(op, device)
+        from ...kernels.dag import dag_scan_triton
+
+        return dag_scan_triton
+    return {"reference": dag_scan_reference, "torch": dag_scan_torch}[backend]
 
 
 def dag_scan(q, k, v, source, transition, mark, direct, graph, *, scale=None, backend="auto"):
@@ -24,7 +44,7 @@ def dag_scan(q, k, v, source, transition, mark, direct, graph, *, scale=None, ba
         direct: (Nn, H) or None.
         graph: a :class:`DAG`.
         scale: defaults to Dk ** -0.5.
-        backend: "auto", "reference" or "torch".
+        backend: "auto" (Triton on CUDA, else torch), "reference", "torch" or "triton".
 
     .. math::
         C_e = \sum_{j: e_{in} \to e} T_j C_{e_{in}} + S_e k_u v_u^\top, \qquad
@@ -33,7 +53,7 @@ def dag_scan(q, k, v, source, transition, mark, direct, graph, *, scale=None, ba
     Returns y: (Nn, H, Dv) in the dtype of v, accumulated in float32 (float64 for float64 inputs).
     """
     op = "dag_scan"
-    check_backend(op, backend)
+    check_backend(op, backend, _BACKENDS)
     if not isinstance(graph, DAG):
         raise TypeError(f"{op}: `graph` must be a mdlrnn.ops.DAG (build one with DAG.from_edge_index), got {type(graph).__name__}")
     check_qkv(op, q, k, v, "(Nn, H, Dk)")
@@ -56,6 +76,6 @@ def dag_scan(q, k, v, source, transition, mark, direct, graph, *, scale=None, ba
 
     dtype = compute_dtype(q, source, transition, mark, direct)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
-    run = _BACKENDS["torch" if backend == "auto" else backend]
+    run = _backend_function(op, backend, q.device)
     with torch.autocast(q.device.type, enabled=False):
         return run(*args, graph, scale).to(v.dtype)
