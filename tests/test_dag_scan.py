@@ -174,3 +174,23 @@ def test_long_chain_finite_float32(backend, device):
     assert torch.isfinite(y).all()
     y.square().mean().backward()
     assert all(torch.isfinite(x.grad).all() for x in leaves.values())
+
+
+@pytest.mark.parametrize("head_dims", [(5, 3), (24, 24), (32, 32), (64, 48)], ids=str)
+@pytest.mark.parametrize("backend", FAST)
+def test_head_sizes(backend, head_dims, generator, device):
+    """Every way the kernels split a state into blocks (the split depends on Dk, Dv and the device)."""
+    runnable(backend, device)
+    graphs = [molecule_dag(int(n), 2, generator) for n in torch.randint(2, 25, (3,), generator=generator)]
+    edges, total = disjoint_union(graphs, [int(e.max()) + 1 for e in graphs])
+    graph = DAG.from_edge_index(edges, total)
+    inputs = dag_inputs(graph, 3, *head_dims, generator=generator)
+    leaves = [inputs[k].requires_grad_() for k in NAMES]
+    ref = dag_scan(*leaves, graph, backend="reference")
+    ref_grads = torch.autograd.grad(ref.square().sum(), leaves)
+    fast = [x.detach().to(device).requires_grad_() for x in leaves]
+    y = dag_scan(*fast, graph.to(device), backend=backend)
+    grads = torch.autograd.grad(y.square().sum(), fast)
+    assert relative_error(y, ref) < 1e-12
+    for name, a, b in zip(NAMES, grads, ref_grads):
+        assert relative_error(a, b) < 1e-12, name

@@ -3,7 +3,7 @@
 One launch per recurrence. Every element (i, j) of a state C_e is an independent scalar recurrence, so
 programs split the work by head and by a (BLOCK_K, BLOCK_V) block of the state and never talk to each
 other; each program walks the levels in order, and within a level a block of BLOCK_E edges at a time, as a
-(BLOCK_E, BLOCK_K, BLOCK_V) tile. The line edges entering a block's edges are read through CSR offsets
+(BLOCK_E, BLOCK_K * BLOCK_V) tile (the state block flattened: 2D tiles compile on every Triton version). The line edges entering a block's edges are read through CSR offsets
 (loop to the block's largest in-degree, masked), so no atomics are needed and the result is deterministic.
 A barrier between levels makes a level's stores visible to the program's threads before the next reads them.
 """
@@ -19,11 +19,21 @@ import triton.language as tl
 def _neighbour(T, LINE_ID, POSITION, TENSOR, line, carries, h, H, DK, DV, tile_offset, tile):
     """For a step of line edges (masked by `carries`): their transitions T[LINE_ID[line], h] and the tile of
     TENSOR (states or adjoints) at the neighbouring sorted positions POSITION[line]."""
-    t = tl.load(T + tl.load(LINE_ID + line, mask=carries, other=0) * H + h, mask=carries, other=0.0)
-    row = tl.load(POSITION + line, mask=carries, other=0) * H + h
-    x = tl.load(TENSOR + row[:, None, None] * (DK * DV) + tile_offset[None], mask=carries[:, None, None] & tile[None],
-                other=0.0)
+    # lanes that carry nothing read line edge 0 (one exists whenever a lane carries) and are zeroed: masked
+    # loads of indices trip a layout pass of Triton 3.6 ("mask type matches ptr type") for some tile shapes
+    line = tl.where(carries, line, 0)
+    t = tl.where(carries, tl.load(T + tl.load(LINE_ID + line) * H + h), 0.0)
+    row = tl.load(POSITION + line) * H + h
+    x = tl.load(TENSOR + row[:, None] * (DK * DV) + tile_offset[None, :], mask=carries[:, None] & tile[None, :], other=0.0)
     return t, x
+
+
+@triton.jit
+def _entries(PTR, pos, edge, stop):
+    """CSR start and length of the line edges of each position (length 0 past the level's end)."""
+    safe = tl.minimum(pos, stop - 1)  # unmasked, in-range reads (see _neighbour)
+    lo = tl.load(PTR + safe)
+    return lo, tl.where(edge, tl.load(PTR + safe + 1) - lo, 0)
 
 
 @triton.jit(do_not_specialize=["num_levels", "H", "DK", "DV"])  # one compilation for every graph
@@ -31,10 +41,10 @@ def _states_kernel(K_SRC, V_SRC, T, STATES, EDGE_BOUNDS, IN_PTR, LINE_BY_OUT, FW
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """C[p] = S k v^T (pre-multiplied, at sorted position p) + sum over entering line edges T_j C[p_in]."""
     h = tl.program_id(0)
-    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    tile = (ik[:, None] < DK) & (jv[None, :] < DV)
-    tile_offset = ik[:, None] * DV + jv[None, :]
+    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K * BLOCK_V) // BLOCK_V  # the block's row and column
+    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_K * BLOCK_V) % BLOCK_V  # of each flattened element
+    tile = (ik < DK) & (jv < DV)
+    tile_offset = ik * DV + jv
     for level in range(num_levels):
         start = tl.load(EDGE_BOUNDS + level)
         stop = tl.load(EDGE_BOUNDS + level + 1)
@@ -42,16 +52,16 @@ def _states_kernel(K_SRC, V_SRC, T, STATES, EDGE_BOUNDS, IN_PTR, LINE_BY_OUT, FW
             pos = first + tl.arange(0, BLOCK_E)
             edge = pos < stop
             row = pos * H + h
-            k = tl.load(K_SRC + row[:, None] * DK + ik[None, :], mask=edge[:, None] & (ik[None, :] < DK), other=0.0)
-            v = tl.load(V_SRC + row[:, None] * DV + jv[None, :], mask=edge[:, None] & (jv[None, :] < DV), other=0.0)
-            acc = k[:, :, None] * v[:, None, :]
-            lo = tl.load(IN_PTR + pos, mask=edge, other=0)
-            count = tl.load(IN_PTR + pos + 1, mask=edge, other=0) - lo
+            inside = edge[:, None] & tile[None, :]
+            k = tl.load(K_SRC + row[:, None] * DK + ik[None, :], mask=inside, other=0.0)
+            v = tl.load(V_SRC + row[:, None] * DV + jv[None, :], mask=inside, other=0.0)
+            acc = k * v
+            lo, count = _entries(IN_PTR, pos, edge, stop)
             for step in range(tl.max(count, 0)):
                 carries = step < count
                 t, c = _neighbour(T, LINE_BY_OUT, FWD_IN, STATES, lo + step, carries, h, H, DK, DV, tile_offset, tile)
-                acc += t[:, None, None] * c
-            tl.store(STATES + row[:, None, None] * (DK * DV) + tile_offset[None], acc, mask=edge[:, None, None] & tile[None])
+                acc += t[:, None] * c
+            tl.store(STATES + row[:, None] * (DK * DV) + tile_offset[None, :], acc, mask=inside)
         tl.debug_barrier()
 
 
@@ -61,10 +71,10 @@ def _adjoint_kernel(ADJ, T, STATES, D_T, EDGE_BOUNDS, OUT_PTR, LINE_BY_IN, BWD_O
     """dC[p] += sum over leaving line edges T_j dC[p_out] (levels in reverse), and each dT_j's share of
     this program's block of the state, <dC[p_out], C[p]> restricted to it, in D_T[j, h, block]."""
     h = tl.program_id(0)
-    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    tile = (ik[:, None] < DK) & (jv[None, :] < DV)
-    tile_offset = ik[:, None] * DV + jv[None, :]
+    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K * BLOCK_V) // BLOCK_V  # the block's row and column
+    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_K * BLOCK_V) % BLOCK_V  # of each flattened element
+    tile = (ik < DK) & (jv < DV)
+    tile_offset = ik * DV + jv
     for back in range(num_levels):
         level = num_levels - 1 - back
         start = tl.load(EDGE_BOUNDS + level)
@@ -72,10 +82,9 @@ def _adjoint_kernel(ADJ, T, STATES, D_T, EDGE_BOUNDS, OUT_PTR, LINE_BY_IN, BWD_O
         for first in range(start, stop, BLOCK_E):
             pos = first + tl.arange(0, BLOCK_E)
             edge = pos < stop
-            where = (pos * H + h)[:, None, None] * (DK * DV) + tile_offset[None]
-            inside = edge[:, None, None] & tile[None]
-            lo = tl.load(OUT_PTR + pos, mask=edge, other=0)
-            count = tl.load(OUT_PTR + pos + 1, mask=edge, other=0) - lo
+            where = (pos * H + h)[:, None] * (DK * DV) + tile_offset[None, :]
+            inside = edge[:, None] & tile[None, :]
+            lo, count = _entries(OUT_PTR, pos, edge, stop)
             if tl.max(count, 0) > 0:
                 acc = tl.load(ADJ + where, mask=inside, other=0.0)
                 c = tl.load(STATES + where, mask=inside, other=0.0)
@@ -83,10 +92,10 @@ def _adjoint_kernel(ADJ, T, STATES, D_T, EDGE_BOUNDS, OUT_PTR, LINE_BY_IN, BWD_O
                     carries = step < count
                     line = lo + step
                     t, a = _neighbour(T, LINE_BY_IN, BWD_OUT, ADJ, line, carries, h, H, DK, DV, tile_offset, tile)
-                    d_t = tl.sum(tl.sum(a * c, 2), 1)
+                    d_t = tl.sum(a * c, 1)
                     block = tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
                     tl.store(D_T + (line * H + h) * NUM_BLOCKS + block, d_t, mask=carries)
-                    acc += t[:, None, None] * a
+                    acc += t[:, None] * a
                 tl.store(ADJ + where, acc, mask=inside)
         tl.debug_barrier()
 
