@@ -1,9 +1,11 @@
 """Graphs per second of a PLSTMConv network against GIN, forward+backward on batches of 128 TU graphs.
 
-Both models as train/graphs.py builds them (pLSTM: 2 layers, hidden 96, 4 heads; GIN: 4 layers, hidden
-128), timed in the same process; the DAG construction of each batch is included in pLSTM's time.
+pLSTM by default in the paper's configuration (2 layers alternating the DAG's directions, hidden 96, 4 heads,
+mean pooling; --layers/--directions/--pooling as in train/graphs.py), GIN as train/graphs.py builds it (4
+layers, hidden 128), timed in the same process; the DAG construction of each batch is in pLSTM's time.
 
     python benchmarks/graphs.py --data-root DIR [--dataset NCI1] [--device cuda] [--out results/graphs.json]
+        [--layers 4 --directions both --pooling sum]   (the configuration train/graphs.py's table uses)
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ def main():
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20, help="timed batches")
+    parser.add_argument("--layers", type=int, default=2, help="pLSTM layers")
+    parser.add_argument("--directions", default="alternate", choices=("alternate", "both"))
+    parser.add_argument("--pooling", default="mean", choices=("mean", "sum"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "graphs.json")
     args = parser.parse_args()
@@ -38,7 +43,8 @@ def main():
     features, classes = dataset[0].x.shape[1], int(max(int(g.y) for g in dataset)) + 1
     models = {
         "gin": BaselineGNN("gin", features, classes),
-        "plstm": PLSTMGraphNet(features, classes, hidden_channels=96, num_layers=2, heads=4),
+        "plstm": PLSTMGraphNet(features, classes, hidden_channels=96, num_layers=args.layers, heads=4,
+                               directions=args.directions, pooling=args.pooling),
     }
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = {}
@@ -70,6 +76,7 @@ def main():
     print(f"plstm / gin throughput: {ratio:.2f}x")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(device=name_of, torch=torch.__version__, dataset=args.dataset, batch_size=args.batch_size,
+                plstm=dict(layers=args.layers, directions=args.directions, pooling=args.pooling),
                 date=time.strftime("%Y-%m-%d"))
     args.out.write_text(json.dumps(dict(meta=meta, rows=rows, plstm_over_gin=ratio), indent=2))
     print(f"wrote {args.out}")

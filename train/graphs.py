@@ -212,12 +212,13 @@ def parse_args(argv=None):
     parser.add_argument("--warmup-epochs", type=float, default=5.0)
     parser.add_argument("--val-fraction", type=float, default=0.111)
     parser.add_argument("--hidden", type=int, default=96, help="pLSTM hidden size")
-    parser.add_argument("--layers", type=int, default=2, help="pLSTM layers")
+    parser.add_argument("--layers", type=int, default=4, help="pLSTM layers (the paper: 2)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--pooling", default="mean", choices=("mean", "sum"), help="pLSTM graph pooling")
-    parser.add_argument("--directions", default="alternate", choices=("alternate", "both"),
-                        help="pLSTM: alternate forward/reverse DAGs over layers, or scan both in every layer")
+    parser.add_argument("--pooling", default="sum", choices=("mean", "sum"), help="pLSTM graph pooling (the paper: mean)")
+    parser.add_argument("--directions", default="both", choices=("alternate", "both"),
+                        help="pLSTM: scan both DAGs in every layer, or alternate forward/reverse over layers "
+                             "(the paper)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only-folds", type=lambda text: [int(f) for f in text.split(",")],
