@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mdlrnn import DAG, dag_scan, grid_scan, lightnet_scan
+from mdlrnn import DAG, dag_scan, grid_scan, kernels, lightnet_scan
 from mdlrnn.testing import dag_inputs, grid_inputs
 
 
@@ -105,3 +105,14 @@ def test_lightnet_angles_errors():
         lightnet_scan(q, q, q, mode="box", angles=torch.zeros(4, 5, 2, 3))
     with pytest.raises(TypeError, match=r"`angles` must be a floating-point tensor"):
         lightnet_scan(q, q, q, mode="box", angles=torch.zeros(4, 4, 2, 3, dtype=torch.long))
+
+
+def test_dag_triton_backend_where_it_cannot_run(monkeypatch):
+    graph = DAG.from_edge_index(torch.tensor([[0, 1], [1, 2]]), 3)
+    inputs = dag_inputs(graph, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"dag_scan: backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1 on the CPU\), got cpu"):
+        dag_scan(**inputs, graph=graph, backend="triton")
+    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"dag_scan: backend='triton' needs the triton package"):
+        dag_scan(**inputs, graph=graph, backend="triton")

@@ -3,8 +3,9 @@
 One launch per recurrence. Every element (i, j) of a state C_e is an independent scalar recurrence, so
 programs split the work by head and by a (BLOCK_K, BLOCK_V) block of the state and never talk to each
 other; each program walks the levels in order, and within a level a block of BLOCK_E edges at a time, as a
-(BLOCK_E, BLOCK_K * BLOCK_V) tile (the state block flattened: 2D tiles compile on every Triton version). The line edges entering a block's edges are read through CSR offsets
-(loop to the block's largest in-degree, masked), so no atomics are needed and the result is deterministic.
+(BLOCK_E, BLOCK_K * BLOCK_V) tile (the state block flattened: 2D tiles compile on every Triton version).
+The line edges entering a block's edges are read through CSR offsets (loop to the block's largest
+in-degree, masked), so no atomics are needed and the result is deterministic.
 A barrier between levels makes a level's stores visible to the program's threads before the next reads them.
 """
 
@@ -29,6 +30,15 @@ def _neighbour(T, LINE_ID, POSITION, TENSOR, line, carries, h, H, DK, DV, tile_o
 
 
 @triton.jit
+def _state_block(DK, DV, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's (BLOCK_K, BLOCK_V) block of a state, flattened: the row and column of each element,
+    whether it lies inside (Dk, Dv), and its offset in a row-major state."""
+    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K * BLOCK_V) // BLOCK_V
+    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_K * BLOCK_V) % BLOCK_V
+    return ik, jv, (ik < DK) & (jv < DV), ik * DV + jv
+
+
+@triton.jit
 def _entries(PTR, pos, edge, stop):
     """CSR start and length of the line edges of each position (length 0 past the level's end)."""
     safe = tl.minimum(pos, stop - 1)  # unmasked, in-range reads (see _neighbour)
@@ -41,10 +51,7 @@ def _states_kernel(K_SRC, V_SRC, T, STATES, EDGE_BOUNDS, IN_PTR, LINE_BY_OUT, FW
                    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
     """C[p] = S k v^T (pre-multiplied, at sorted position p) + sum over entering line edges T_j C[p_in]."""
     h = tl.program_id(0)
-    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K * BLOCK_V) // BLOCK_V  # the block's row and column
-    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_K * BLOCK_V) % BLOCK_V  # of each flattened element
-    tile = (ik < DK) & (jv < DV)
-    tile_offset = ik * DV + jv
+    ik, jv, tile, tile_offset = _state_block(DK, DV, BLOCK_K, BLOCK_V)
     for level in range(num_levels):
         start = tl.load(EDGE_BOUNDS + level)
         stop = tl.load(EDGE_BOUNDS + level + 1)
@@ -71,10 +78,7 @@ def _adjoint_kernel(ADJ, T, STATES, D_T, EDGE_BOUNDS, OUT_PTR, LINE_BY_IN, BWD_O
     """dC[p] += sum over leaving line edges T_j dC[p_out] (levels in reverse), and each dT_j's share of
     this program's block of the state, <dC[p_out], C[p]> restricted to it, in D_T[j, h, block]."""
     h = tl.program_id(0)
-    ik = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K * BLOCK_V) // BLOCK_V  # the block's row and column
-    jv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_K * BLOCK_V) % BLOCK_V  # of each flattened element
-    tile = (ik < DK) & (jv < DV)
-    tile_offset = ik * DV + jv
+    _, _, tile, tile_offset = _state_block(DK, DV, BLOCK_K, BLOCK_V)
     for back in range(num_levels):
         level = num_levels - 1 - back
         start = tl.load(EDGE_BOUNDS + level)
@@ -136,12 +140,11 @@ class TritonScanner:
         edges, heads, dk, dv = states.shape
         grid, blocks = _launch(heads, dk, dv, states.device)
         d_t = adjoint.new_zeros(graph.num_line_edges, heads, grid[1] * grid[2])
-        if edges == 0:
-            return adjoint, d_t.sum(-1)
         adjoint = adjoint.contiguous()
-        _adjoint_kernel[grid](adjoint, transition.contiguous(), states, d_t, graph.level_ptr,
-                              graph.line_in_ptr, graph.line_by_in, graph.bwd_out,
-                              graph.num_levels, heads, dk, dv, grid[1] * grid[2], **blocks)
+        if edges:
+            _adjoint_kernel[grid](adjoint, transition.contiguous(), states, d_t, graph.level_ptr,
+                                  graph.line_in_ptr, graph.line_by_in, graph.bwd_out,
+                                  graph.num_levels, heads, dk, dv, grid[1] * grid[2], **blocks)
         return adjoint, d_t.sum(-1)
 
 
