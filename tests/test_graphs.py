@@ -117,8 +117,9 @@ def test_batch_equals_graphs_one_by_one(generator):
     assert together.shape == (6, 2) and relative_error(together, alone) < 1e-12
 
 
-def test_gradients_and_degenerate_graphs(generator):
-    model = PLSTMGraphNet(6, 1, hidden_channels=16, heads=2, edge_dim=3, pooling="sum")
+@pytest.mark.parametrize("options", [{}, dict(head_norm=False, final_norm=True, order="bfs")])
+def test_gradients_and_degenerate_graphs(options, generator):
+    model = PLSTMGraphNet(6, 1, hidden_channels=16, heads=2, edge_dim=3, pooling="sum", **options)
     for graph in (random_graph(20, generator), random_graph(1, generator)):
         out = model(graph.x, graph.edge_index, graph.edge_attr)
         out.sum().backward()
@@ -142,10 +143,12 @@ def test_training_script_quick_mode(tmp_path, mutag_root):
     out = tmp_path / "run"
     command = [sys.executable, str(ROOT / "train" / "graphs.py"), "--dataset", "MUTAG", "--data-root",
                mutag_root, "--models", "plstm,gin", "--folds", "2", "--epochs", "2", "--out", str(out)]
-    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    options = ["--clip-grad", "1", "--order", "degree", "--final-norm", "--no-head-norm"]
+    subprocess.run(command + options, check=True, capture_output=True, cwd=tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) == {"plstm", "gin"} and results["task"] == "classification"
-    assert all(0 <= run["test"]["accuracy"] <= 1 for runs in results["results"].values() for run in runs)
+    assert all(0 <= run["test"]["accuracy"] <= 1 and run["final_train_loss"] > 0
+               for runs in results["results"].values() for run in runs)
     assert "| plstm |" in (out / "results.md").read_text()
     bad = subprocess.run(command[:-2] + ["--models", "transformer"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown model" in bad.stderr

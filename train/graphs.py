@@ -28,6 +28,7 @@ from torch import nn
 
 from mdlrnn.data.graphs import folds, prepare_graph, split_validation
 from mdlrnn.graphs import BaselineGNN, PLSTMGraphNet
+from mdlrnn.graphs.dag import ORDERS
 
 MODELS = ("plstm", "gin", "gcn", "gat")
 
@@ -103,7 +104,8 @@ def make_model(name: str, in_channels: int, out_channels: int, edge_dim: int | N
     if name == "plstm":
         return PLSTMGraphNet(in_channels, out_channels, hidden_channels=args.hidden, num_layers=args.layers,
                              heads=args.heads, edge_dim=edge_dim, pooling=args.pooling, dropout=args.dropout,
-                             directions=args.directions)
+                             directions=args.directions, order=args.order, head_norm=args.head_norm,
+                             final_norm=args.final_norm)
     return BaselineGNN(name, in_channels, out_channels)
 
 
@@ -163,6 +165,7 @@ def run_fold(name, graphs, train_idx, val_idx, test_idx, task, out_channels, arg
     best, best_state = None, None
     for _ in range(args.epochs):
         model.train()
+        loss_sum = torch.zeros((), device=device)
         for batch in train_loader:
             batch = batch.to(device)
             out = model(batch.x, batch.edge_index, batch.edge_attr, batch.batch)
@@ -170,15 +173,19 @@ def run_fold(name, graphs, train_idx, val_idx, test_idx, task, out_channels, arg
             loss = loss_fn(out, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if args.clip_grad:
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
             scheduler.step()
+            loss_sum += loss.detach() * batch.num_graphs
+        train_loss = loss_sum.item() / len(train_loader.dataset)
         val = evaluate(model, val_loader, task, device)
         if better(task, val, best):
             best, best_state = val, copy.deepcopy(model.state_dict())
-        progress.set_postfix(model=name, loss=f"{loss.item():.3f}", **{k: f"{v:.3f}" for k, v in val.items()})
+        progress.set_postfix(model=name, loss=f"{train_loss:.3f}", **{k: f"{v:.3f}" for k, v in val.items()})
         progress.update()
     model.load_state_dict(best_state)
-    return dict(validation=best, test=evaluate(model, test_loader, task, device))
+    return dict(final_train_loss=train_loss, validation=best, test=evaluate(model, test_loader, task, device))
 
 
 def summarize(results: dict, task: str) -> str:
@@ -210,6 +217,7 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--warmup-epochs", type=float, default=5.0)
+    parser.add_argument("--clip-grad", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     parser.add_argument("--val-fraction", type=float, default=0.111)
     parser.add_argument("--hidden", type=int, default=96, help="pLSTM hidden size")
     parser.add_argument("--layers", type=int, default=4, help="pLSTM layers (the paper: 2)")
@@ -219,6 +227,11 @@ def parse_args(argv=None):
     parser.add_argument("--directions", default="both", choices=("alternate", "both"),
                         help="pLSTM: scan both DAGs in every layer, or alternate forward/reverse over layers "
                              "(the paper)")
+    parser.add_argument("--order", default="index", choices=ORDERS, help="pLSTM: node order orienting the edges")
+    parser.add_argument("--head-norm", action=argparse.BooleanOptionalAction, default=True,
+                        help="pLSTM: per-head RMSNorm of the scan output")
+    parser.add_argument("--final-norm", action=argparse.BooleanOptionalAction, default=False,
+                        help="pLSTM: RMSNorm of the node features before pooling")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only-folds", type=lambda text: [int(f) for f in text.split(",")],

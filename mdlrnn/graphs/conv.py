@@ -65,10 +65,12 @@ class PLSTMConv(nn.Module):
         edge_dim: size of edge features, or None.
         direction: "forward", "reverse" or "both" (one scan each, summed).
         order: node order that orients the edges ("index", "bfs", "degree" or a tensor of keys).
+        head_norm: the per-head RMSNorm of the scan output (False keeps its magnitude, which counts
+            how much reaches a node, as a sum aggregation does).
     """
 
     def __init__(self, in_channels: int, out_channels: int, heads: int = 4, mode: str = "P", edge_dim: int | None = None,
-                 direction: str = "both", order="index", backend: str = "auto"):
+                 direction: str = "both", order="index", head_norm: bool = True, backend: str = "auto"):
         super().__init__()
         if mode not in ("P", "D"):
             raise ValueError(f"PLSTMConv: `mode` must be 'P' or 'D', got {mode!r}")
@@ -85,7 +87,7 @@ class PLSTMConv(nn.Module):
         self.node_gate = nn.Linear(in_channels, gates)
         self.edge_gate = nn.Linear(edge_dim, gates, bias=False) if edge_dim else None
         self.direct = nn.Parameter(torch.empty(heads))
-        self.norm = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm = nn.RMSNorm(self.head_dim, eps=1e-6) if head_norm else nn.Identity()
         self.out = nn.Linear(out_channels, out_channels)
         self.reset_parameters()
 
@@ -98,7 +100,8 @@ class PLSTMConv(nn.Module):
             self.node_gate.bias.copy_(bias)
         nn.init.zeros_(self.out.bias)
         nn.init.constant_(self.direct, -6.0)
-        self.norm.reset_parameters()
+        if isinstance(self.norm, nn.RMSNorm):
+            self.norm.reset_parameters()
 
     def scan_gates(self, x: Tensor, dag: DAG, edge_ids: Tensor, edge_attr: Tensor | None, index: int):
         """Source (E, H), transition (P, H) and mark (E, H) for direction number `index` on `dag`."""
@@ -139,8 +142,8 @@ class PLSTMConv(nn.Module):
             gates = self.scan_gates(x, dag, dags.edge_ids, edge_attr, index)
             y = y + dag_scan(q, k, v, *gates, None, dag, backend=self.backend)
         y = y + torch.sigmoid(self.direct)[:, None] * (q * k).sum(-1, keepdim=True) * v * self.head_dim**-0.5
-        return self.out(self.norm(y.to(self.norm.weight.dtype)).flatten(1))
+        return self.out(self.norm(y.to(self.out.weight.dtype)).flatten(1))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.in_channels}, {self.out_channels}, heads={self.heads}, mode={self.mode!r}, "
-                f"direction={self.direction!r}, edge_dim={self.edge_dim})")
+                f"direction={self.direction!r}, edge_dim={self.edge_dim}, head_norm={isinstance(self.norm, nn.RMSNorm)})")

@@ -23,14 +23,16 @@ def degree_encoding(edge_index: Tensor, num_nodes: int, channels: int) -> Tensor
 class PLSTMGraphNet(nn.Module):
     """Node and edge encoders (with a sinusoidal degree encoding), `num_layers` PLSTMConv blocks
     (x + conv(norm x), then x + MLP(norm x)) alternating P/D modes and forward/reverse DAGs (or scanning
-    both directions in every layer: directions="both"), mean or sum pooling over each graph, and an MLP head.
+    both directions in every layer: directions="both"), an RMSNorm of every node's features when final_norm,
+    mean or sum pooling over each graph, and an MLP head.
 
     forward(x, edge_index, edge_attr=None, batch=None) -> (num_graphs, out_channels).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 96, num_layers: int = 2,
                  heads: int = 4, edge_dim: int | None = None, pooling: str = "mean", dropout: float = 0.0,
-                 order="index", directions: str = "alternate", backend: str = "auto"):
+                 order="index", directions: str = "alternate", head_norm: bool = True, final_norm: bool = False,
+                 backend: str = "auto"):
         super().__init__()
         if pooling not in ("mean", "sum"):
             raise ValueError(f"PLSTMGraphNet: `pooling` must be 'mean' or 'sum', got {pooling!r}")
@@ -42,7 +44,7 @@ class PLSTMGraphNet(nn.Module):
         self.edge_encoder = nn.Linear(edge_dim, hidden_channels) if edge_dim else None
         self.convs = nn.ModuleList(
             PLSTMConv(hidden_channels, hidden_channels, heads, mode="PD"[i % 2], direction=direction(i),
-                      edge_dim=hidden_channels if edge_dim else None, backend=backend)
+                      edge_dim=hidden_channels if edge_dim else None, head_norm=head_norm, backend=backend)
             for i in range(num_layers)
         )
         self.norms = nn.ModuleList(nn.RMSNorm(hidden_channels, eps=1e-6) for _ in range(2 * num_layers))
@@ -51,6 +53,7 @@ class PLSTMGraphNet(nn.Module):
                           nn.Linear(2 * hidden_channels, hidden_channels))
             for _ in range(num_layers)
         )
+        self.final_norm = nn.RMSNorm(hidden_channels, eps=1e-6) if final_norm else nn.Identity()
         self.head = nn.Sequential(nn.Linear(hidden_channels, hidden_channels), nn.GELU(), nn.Dropout(dropout),
                                   nn.Linear(hidden_channels, out_channels))
 
@@ -65,6 +68,7 @@ class PLSTMGraphNet(nn.Module):
         for i, (conv, mlp) in enumerate(zip(self.convs, self.mlps)):
             h = h + conv(self.norms[2 * i](h), edge_index, e, batch, dags=dags)
             h = h + mlp(self.norms[2 * i + 1](h))
+        h = self.final_norm(h)
         num_graphs = int(batch.max()) + 1 if num_nodes else 0
         pooled = torch.zeros(num_graphs, h.shape[1], device=h.device, dtype=h.dtype).index_add_(0, batch, h)
         if self.pooling == "mean":
