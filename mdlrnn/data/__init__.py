@@ -1,1 +1,5 @@
-"""Data helpers (graph benchmarks' protocol)."""
+"""Data helpers (graph benchmarks' protocol; the arrow-pointing images)."""
+
+from .arrows import ArrowGeometry, ArrowPointing
+
+__all__ = ["ArrowGeometry", "ArrowPointing"]
