@@ -146,6 +146,12 @@ def rng_state() -> dict:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.from_numpy(state["torch"]))
     random.setstate(state["python"])
@@ -261,15 +267,14 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 
 def evaluate(model, loader, ctx: Dist, amp: bool) -> dict:
     model.eval()
-    correct = loss = count = 0.0
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct, loss, count: on the device, no sync per batch
     with torch.no_grad(), torch.autocast(ctx.device.type, torch.bfloat16, enabled=amp):
         for images, labels in loader:
             images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
             logits = model(images).float()
-            loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            count += labels.numel()
-    correct, loss, count = ctx.sum(correct, loss, count)
+            totals += torch.stack([(logits.argmax(-1) == labels).sum(), nn.functional.cross_entropy(
+                logits, labels, reduction="sum"), torch.tensor(labels.numel(), device=ctx.device)]).double()
+    correct, loss, count = ctx.sum(*totals.tolist())
     return dict(accuracy=correct / max(count, 1), loss=loss / max(count, 1), count=int(count))
 
 
@@ -348,14 +353,11 @@ def main(argv=None) -> dict:
     if args.resume and not Path(args.resume).is_dir():
         fail(f"--resume {args.resume}: no such folder")
     amp = ctx.device.type == "cuda" if args.amp is None else args.amp
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-
-    if args.img_size is None:
-        args.img_size = data_config(args.model)["input_size"][-1]
+    seed_everything(args.seed)  # the same initial weights on every rank
+    config = data_config(args.model)
+    args.img_size = args.img_size or config["input_size"][-1]
     args.eval_sizes = args.eval_sizes or [args.img_size]
-    train_set, val_sets, num_classes = datasets(args, data_config(args.model))
+    train_set, val_sets, num_classes = datasets(args, config)
     model = create_model(args, num_classes)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -363,9 +365,7 @@ def main(argv=None) -> dict:
     ema = ModelEmaV3(model, decay=args.ema_decay) if args.ema else None
     net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
         if ctx.world > 1 else model
-    torch.manual_seed(args.seed + ctx.rank)  # different dropout and augmentation per rank
-    np.random.seed(args.seed + ctx.rank)
-    random.seed(args.seed + ctx.rank)
+    seed_everything(args.seed + ctx.rank)  # different dropout and augmentation per rank
 
     sampler = DistributedSampler(train_set, ctx.world, ctx.rank, shuffle=True, seed=args.seed)
     loader_kw = dict(num_workers=args.workers, pin_memory=ctx.device.type == "cuda", persistent_workers=False)
@@ -395,7 +395,7 @@ def main(argv=None) -> dict:
     for epoch in range(start, last):
         sampler.set_epoch(epoch)
         net.train()
-        loss_sum = correct = seen = 0.0
+        totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, correct, seen
         tick = time.time()
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not ctx.main or args.no_progress,
                    leave=False)
@@ -415,12 +415,13 @@ def main(argv=None) -> dict:
             scheduler.step()
             if ema is not None:
                 ema.update(model)
-            loss_sum += loss.item() * labels.numel()
-            correct += (logits.argmax(-1) == labels).sum().item()
-            seen += labels.numel()
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
-                            img_s=f"{seen * ctx.world / (time.time() - tick):.0f}")
-        loss_sum, correct, seen = ctx.sum(loss_sum, correct, seen)
+            totals += torch.stack([loss.detach() * labels.numel(), (logits.argmax(-1) == labels).sum(),
+                                   torch.tensor(labels.numel(), device=ctx.device)]).double()
+            if bar.n % 20 == 0 and not bar.disable:  # reading the totals waits for the device: not every step
+                loss_sum, correct, seen = totals.tolist()
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}",
+                                img_s=f"{seen * ctx.world / (time.time() - tick):.0f}")
+        loss_sum, correct, seen = ctx.sum(*totals.tolist())
         row = dict(epoch=epoch + 1, lr=optimizer.param_groups[0]["lr"], train_loss=loss_sum / seen,
                    train_acc=correct / seen, img_per_s=seen / (time.time() - tick))
         for size, loader in val_loaders.items():
@@ -433,7 +434,7 @@ def main(argv=None) -> dict:
         if ctx.main:
             write_log(out, history)
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    summary = dict(config={k: v for k, v in vars(args).items()}, world_size=ctx.world, device=str(ctx.device),
+    summary = dict(config=vars(args), world_size=ctx.world, device=str(ctx.device),
                    device_name=torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
                    finished=last == args.epochs, seconds_this_run=time.time() - began,
                    params=sum(p.numel() for p in model.parameters()), history=history,
