@@ -7,6 +7,9 @@ import os
 
 import torch
 
+# looked up once: torch.compile does not trace importlib, and the answer cannot change while running
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
 
 def interpreting() -> bool:
     """Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, for tests without a GPU."""
@@ -15,14 +18,14 @@ def interpreting() -> bool:
 
 def usable(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors on `device`."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return False
     return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def require(op: str, device: torch.device) -> None:
     """The error for backend="triton" where the kernels can't run."""
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         raise ValueError(f"{op}: backend='triton' needs the triton package (pip install triton)")
     if not usable(device):
         raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")

@@ -14,6 +14,25 @@ __all__ = ["grid_scan", "grid_scan_reference", "grid_scan_torch"]
 _BACKENDS = {"reference": grid_scan_reference, "torch": grid_scan_torch}
 
 
+def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dtype: torch.dtype) -> str:
+    """"auto": the Triton kernels on CUDA where they exist (1D grids, float32 compute), else the torch path."""
+    from ... import kernels
+
+    head_dims_fit = max(q.shape[-1], dv) <= 256
+    if backend == "auto":
+        fits = ndim == 1 and head_dims_fit and dtype == torch.float32
+        return "triton" if fits and q.device.type == "cuda" and kernels.usable(q.device) else "torch"
+    if backend == "triton":
+        kernels.require(op, q.device)
+        if ndim != 1:
+            raise ValueError(f"{op}: backend='triton' runs 1D grids (N = 1), got N = {ndim}; use backend='torch'")
+        if dtype == torch.float64:
+            raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
+        if not head_dims_fit:
+            raise ValueError(f"{op}: backend='triton' takes head dimensions up to 256, got Dk={q.shape[-1]}, Dv={dv}")
+    return backend
+
+
 def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):
     r"""Scan an N-D grid from its origin corner with matrix-valued states on the grid's edges.
 
@@ -25,7 +44,7 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
         mark: (B, *S, H, N), M[p, b] weighs the edge entering p along b in p's output.
         direct: (B, *S, H) or None, weight of the position's own key/value.
         scale: defaults to Dk ** -0.5.
-        backend: "auto", "reference" or "torch".
+        backend: "auto" (Triton on CUDA for 1D grids, else torch), "reference", "torch" or "triton" (1D).
 
     .. math::
         C_a[p] = \sum_b T[p,a,b] C_b[p - e_b] + S[p,a] k_p v_p^\top, \qquad
@@ -34,7 +53,7 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     Returns y: (B, *S, H, Dv) in the dtype of v, accumulated in float32 (float64 for float64 inputs).
     """
     op = "grid_scan"
-    check_backend(op, backend)
+    check_backend(op, backend, ("auto", *_BACKENDS, "triton"))
     check_qkv(op, q, k, v, "(B, *S, H, Dk)")
     if q.dim() < 4:
         raise ValueError(f"{op}: `q` must have shape (B, *S, H, Dk) with at least one spatial axis, got {tuple(q.shape)}")
@@ -52,6 +71,11 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     scale = dk**-0.5 if scale is None else float(scale)
 
     dtype = compute_dtype(q, source, transition, mark, direct)
+    if _pick_backend(op, backend, q, v.shape[-1], ndim, dtype) == "triton":
+        from ...kernels.grid1d import grid_scan_triton
+
+        with torch.autocast(q.device.type, enabled=False):  # q, k, v keep their dtype; products accumulate in fp32
+            return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
     run = _BACKENDS["torch" if backend == "auto" else backend]
     with torch.autocast(q.device.type, enabled=False):

@@ -1,0 +1,136 @@
+"""The Triton kernels of grid_scan (1D grids) against the float64 reference: outputs, every gradient, dtypes,
+strides, chunk edges, zero and negative gates, torch.library registration, errors."""
+
+import pytest
+import torch
+
+from mdlrnn import grid_scan, kernels
+from mdlrnn.testing import grid_inputs, relative_error
+
+NAMES = ("q", "k", "v", "source", "transition", "mark", "direct")
+
+pytest.importorskip("triton")
+from mdlrnn.kernels import grid1d  # noqa: E402
+
+
+@pytest.fixture
+def device():
+    """CUDA where there is one, else the CPU through Triton's interpreter (CI)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not kernels.usable(device):
+        pytest.skip("Triton kernels on the CPU run in CI's interpreter (TRITON_INTERPRET=1)")
+    return device
+
+
+def signed_inputs(batch, length, heads, dk, dv, generator, direct=True):
+    """grid_inputs with transitions over (-1, 1), some exactly zero and some negative."""
+    inputs = grid_inputs(batch, (length,), heads, dk, dv, generator=generator, direct=direct)
+    t = torch.tanh(2 * torch.randn(inputs["transition"].shape, generator=generator, dtype=torch.float64))
+    t[..., ::7, :, :, :] = 0.0
+    inputs["transition"] = t
+    return inputs
+
+
+def compare(inputs, device, dtype=torch.float32, chunk=None, **kwargs):
+    """Relative errors of the kernels' output and of every gradient against the float64 reference."""
+    ref_leaves = {k: x.clone().requires_grad_() for k, x in inputs.items() if x is not None}
+    leaves = {k: x.to(device, dtype).requires_grad_() for k, x in inputs.items() if x is not None}
+    ref = grid_scan(**{k: ref_leaves.get(k) for k in NAMES}, backend="reference", **kwargs)
+    args = [leaves.get(k) for k in NAMES]
+    if chunk is None:
+        out = grid_scan(*args, backend="triton", **kwargs)
+    else:
+        out = grid1d.grid_scan_triton(*args, kwargs.get("scale", inputs["q"].shape[-1] ** -0.5), chunk=chunk)
+    assert out.dtype == (dtype if chunk is None else torch.float32) and out.device.type == device.type
+    weight = torch.randn(ref.shape, dtype=torch.float64)
+    (ref * weight).sum().backward()
+    (out * weight.to(device, out.dtype)).sum().backward()
+    errors = {"y": relative_error(out, ref)}
+    for name, leaf in leaves.items():  # the reference leaves a gate it never reads (T on a 1-long grid) without grad
+        expected = ref_leaves[name].grad
+        errors[name] = relative_error(leaf.grad, torch.zeros_like(ref_leaves[name]) if expected is None else expected)
+    return errors
+
+
+@pytest.mark.parametrize("length", [1, 2, 17, 64, 65, 131], ids=lambda n: f"L{n}")
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "no_direct"])
+def test_float32_matches_reference(length, direct, generator, device):
+    errors = compare(signed_inputs(2, length, 2, 8, 12, generator, direct), device)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("dims", [(5, 7), (16, 16), (33, 20)], ids=str)
+def test_many_chunks_and_odd_head_sizes(dims, generator, device, monkeypatch):
+    """Chunks of 16 so that small sequences cross many chunk borders; head sizes off the block grid; outputs
+    poisoned with NaN first, so every element must be written."""
+    monkeypatch.setattr(grid1d, "POISON", True)
+    errors = compare(signed_inputs(2, 53, 3, *dims, generator), device, chunk=16, scale=0.4)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype, generator, device):
+    inputs = grid_inputs(2, (70,), 2, 16, 16, generator=generator)
+    rounded = {k: x.to(dtype).double() for k, x in inputs.items()}  # the reference sees what the kernels see
+    errors = compare(rounded, device, dtype=dtype)
+    assert max(errors.values()) < 1e-2, errors
+
+
+def test_strided_inputs(generator, device):
+    """q, k as slices of one fused projection (row stride 3D, read in place) and v with a last stride of H."""
+    batch, length, heads, d = 2, 40, 2, 8
+    fused = torch.randn(batch, length, heads, 3 * d, generator=generator, dtype=torch.float64)
+    v_transposed = torch.randn(batch, length, d, heads, generator=generator, dtype=torch.float64)
+    inputs = dict(grid_inputs(batch, (length,), heads, d, d, generator=generator), q=fused[..., :d],
+                  k=fused[..., d : 2 * d], v=v_transposed.transpose(-1, -2))
+    ref = grid_scan(**inputs, backend="reference")
+    fused, v_transposed = fused.float().to(device), v_transposed.float().to(device)
+    args = dict({n: x.float().to(device) for n, x in inputs.items()}, q=fused[..., :d], k=fused[..., d : 2 * d],
+                v=v_transposed.transpose(-1, -2))
+    assert not args["q"].is_contiguous() and args["v"].stride(-1) == heads
+    assert relative_error(grid_scan(**args, backend="triton"), ref) < 1e-5
+
+
+def test_long_chain_stays_finite(device):
+    """Gates near one in magnitude, alternating sign, over many chunks: outputs and gradients finite."""
+    gen = torch.Generator().manual_seed(0)
+    length = 4096 if device.type == "cuda" else 700
+    inputs = grid_inputs(1, (length,), 1, 16, 16, generator=gen, dtype=torch.float32)
+    inputs["transition"] = torch.where(torch.rand(inputs["transition"].shape, generator=gen) < 0.5, -1.0, 1.0) * 0.999
+    leaves = {k: x.to(device).requires_grad_() for k, x in inputs.items()}
+    y = grid_scan(**leaves, backend="triton")
+    y.square().mean().backward()
+    assert torch.isfinite(y).all()
+    for name, x in leaves.items():
+        assert torch.isfinite(x.grad).all(), name
+
+
+def test_custom_op_registration(generator, device):
+    """torch.library's own checks: schema, fake (meta) implementation, autograd registration."""
+    inputs = grid_inputs(1, (20,), 2, 8, 8, generator=generator, dtype=torch.float32)
+    q, k, v = (inputs[n].to(device).requires_grad_() for n in "qkv")
+    gates = [inputs[n].to(device).reshape(1, 20, 2).contiguous().requires_grad_() for n in ("source", "transition", "mark")]
+    direct = inputs["direct"].to(device).requires_grad_()
+    torch.library.opcheck(torch.ops.mdlrnn.grid_scan_1d, (q, k, v, *gates, direct, 0.3, 16),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_without_graph_breaks(generator, device):
+    inputs = {k: x.float().to(device) for k, x in grid_inputs(1, (24,), 2, 8, 8, generator=generator).items()}
+    scan = torch.compile(lambda **kw: grid_scan(**kw, backend="triton"), fullgraph=True, backend="aot_eager")
+    assert relative_error(scan(**inputs), grid_scan(**inputs, backend="triton")) < 1e-6
+
+
+def test_auto_and_errors(generator, device):
+    grid2d = {k: x.float().to(device) for k, x in grid_inputs(1, (3, 4), 1, 4, 4, generator=generator).items()}
+    with pytest.raises(ValueError, match="1D grids"):
+        grid_scan(**grid2d, backend="triton")
+    line = grid_inputs(1, (5,), 1, 4, 4, generator=generator)
+    with pytest.raises(TypeError, match="float32"):
+        grid_scan(**{k: x.to(device) for k, x in line.items()}, backend="triton")
+    wide = grid_inputs(1, (5,), 1, 4, 300, generator=generator, dtype=torch.float32)
+    with pytest.raises(ValueError, match="up to 256"):
+        grid_scan(**{k: x.to(device) for k, x in wide.items()}, backend="triton")
+    # on the CPU "auto" stays on the torch path, interpreter or not
+    cpu = {k: x.float() for k, x in line.items()}
+    assert torch.equal(grid_scan(**cpu), grid_scan(**cpu, backend="torch"))
