@@ -2,15 +2,17 @@
 
 For grids 14x14 (B=64) to 128x128 (B=2), H=3, D=64, bf16 inputs: forward and forward+backward time and
 peak memory of grid_scan's and lightnet_scan's (box) backends, and, in the same process, SDPA on the same
-token count. Prints a table and writes JSON.
+token count. `--dims 1` times 1D grids of the same token counts (196 to 16384) against causal SDPA.
+Prints a table and writes JSON.
 
-    python benchmarks/scan.py [--backends torch] [--out benchmarks/results/scan.json]
+    python benchmarks/scan.py [--backends torch,triton] [--dims 1,2] [--out benchmarks/results/scan.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -19,7 +21,10 @@ import torch.nn.functional as F
 
 from mdlrnn import grid_scan, lightnet_scan
 
-CASES = [((14, 14), 64), ((24, 24), 64), ((32, 32), 32), ((64, 64), 8), ((128, 128), 2)]
+CASES = {
+    2: [((14, 14), 64), ((24, 24), 64), ((32, 32), 32), ((64, 64), 8), ((128, 128), 2)],
+    1: [((196,), 64), ((576,), 64), ((1024,), 32), ((4096,), 8), ((16384,), 2)],
+}
 
 
 def cuda_time(fn, repeats: int = 20) -> float:
@@ -53,23 +58,29 @@ def measure(run, leaves) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="torch", help="comma-separated grid_scan backends")
+    parser.add_argument("--dims", default="2", help="comma-separated grid dimensionalities (1 and/or 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scan.json")
     args = parser.parse_args()
     device, dtype, heads, dim = torch.device("cuda"), torch.bfloat16, 3, 64
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, H={heads}, D={dim}")
     print(f"{'op':<24}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / SDPA':>12}")
-    for sizes, batch in CASES:
-        lead = (batch, *sizes, heads)
+    cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
+    for sizes, batch in cases:
+        lead, n = (batch, *sizes, heads), len(sizes)
         make = lambda *shape, scale=1.0: (scale * torch.rand(*lead, *shape, device=device)).to(dtype).requires_grad_()
         q, k, v = make(dim), make(dim), make(dim)
-        gates = dict(source=make(2), transition=make(2, 2, scale=0.5), mark=make(2), direct=make())
-        tokens = sizes[0] * sizes[1]
+        gates = dict(source=make(n), transition=make(n, n, scale=1 / n), mark=make(n), direct=make())
+        tokens = math.prod(sizes)
         sq, sk, sv = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        runs = {"sdpa": (lambda: F.scaled_dot_product_attention(sq, sk, sv), [sq, sk, sv])}
+        causal = n == 1  # a 1D scan sees the past only: compare with causal attention
+        runs = {"sdpa": (lambda: F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal), [sq, sk, sv])}
         for backend in args.backends.split(","):
+            if backend == "triton" and n != 1:
+                continue  # the Triton grid kernels cover 1D grids so far
             runs[f"grid_scan[{backend}]"] = (lambda b=backend: grid_scan(q, k, v, **gates, backend=b), [q, k, v, *gates.values()])
-            runs[f"lightnet box[{backend}]"] = (lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v])
+            if n == 2:
+                runs[f"lightnet box[{backend}]"] = (lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v])
         results = {}
         for name, (run, leaves) in runs.items():
             try:

@@ -1,0 +1,81 @@
+"""The Triton grid kernels against the float64 step-by-step reference at real sizes, on the GPU.
+
+1D grids of 196 (B=64) to 16384 positions (B=2), H=3, D=64, transitions over (-1, 1) with some exactly
+zero; float32 and bfloat16 inputs; the output and every gradient. The kernels' outputs are poisoned with
+NaN before they run (grid1d.POISON), so anything a kernel fails to write shows up. Bounds (DEVELOPERS'
+brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table, writes JSON
+and exits 1 on any failure.
+
+    python benchmarks/check_kernels.py [--out benchmarks/results/check_kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mdlrnn import grid_scan
+from mdlrnn.kernels import grid1d
+from mdlrnn.testing import grid_inputs, relative_error
+
+CASES = [((196,), 64), ((1024,), 16), ((4096,), 4), ((16384,), 2)]
+BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+NAMES = ("q", "k", "v", "source", "transition", "mark", "direct")
+
+
+def check(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    inputs = grid_inputs(batch, sizes, heads, dim, dim, generator=gen)
+    t = torch.tanh(2 * torch.randn(inputs["transition"].shape, generator=gen, dtype=torch.float64))
+    t.view(-1)[::97] = 0.0
+    inputs["transition"] = t
+    inputs = {k: x.cuda() for k, x in inputs.items()}
+    weight = torch.randn(batch, *sizes, heads, dim, generator=gen, dtype=torch.float64).cuda()
+    rows = []
+    for dtype, bound in BOUNDS.items():
+        # the reference sees what the kernels see: the inputs rounded to their dtype
+        rounded = {k: x.to(dtype).double() for k, x in inputs.items()}
+        ref_leaves = {k: x.clone().requires_grad_() for k, x in rounded.items()}
+        ref = grid_scan(**ref_leaves, backend="reference")
+        (ref * weight).sum().backward()
+        leaves = {k: x.to(dtype).requires_grad_() for k, x in rounded.items()}
+        y = grid_scan(**leaves, backend="triton")
+        (y.double() * weight).sum().backward()
+        errors = {"y": relative_error(y, ref)}
+        errors.update({k: relative_error(leaves[k].grad, ref_leaves[k].grad) for k in NAMES})
+        rows.append(dict(sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""), bound=bound,
+                         errors=errors, worst=max(errors.values()), ok=max(errors.values()) < bound))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "check_kernels.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
+    grid1d.POISON = True
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, H=3, D=64, outputs poisoned with NaN")
+    print(f"{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
+    rows = []
+    for sizes, batch in CASES:
+        for row in check(sizes, batch, 3, 64, args.seed):
+            grads = {k: e for k, e in row["errors"].items() if k != "y"}
+            which = max(grads, key=grads.get)
+            print(f"{'x'.join(map(str, sizes)):>8}{batch:>4}{row['dtype']:>10}{row['errors']['y']:10.1e}"
+                  f"{grads[which]:12.1e}{which:>12}{row['bound']:8.0e}  {'yes' if row['ok'] else 'NO'}")
+            rows.append(row)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    print(f"wrote {args.out}")
+    sys.exit(0 if all(r["ok"] for r in rows) else 1)
+
+
+if __name__ == "__main__":
+    main()
