@@ -2,7 +2,8 @@
 
 For grids 14x14 (B=64) to 128x128 (B=2), H=3, D=64, bf16 inputs: forward and forward+backward time and
 peak memory of grid_scan's and lightnet_scan's (box) backends, and, in the same process, SDPA on the same
-token count. `--dims 1` times 1D grids of the same token counts (196 to 16384) against causal SDPA.
+token count. `--dims 1` times 1D grids of the same token counts (196 to 16384), with LightNet's causal
+mode, against causal SDPA.
 Prints a table and writes JSON.
 
     python benchmarks/scan.py [--backends torch,triton] [--dims 1,2] [--out benchmarks/results/scan.json]
@@ -75,12 +76,13 @@ def main():
         sq, sk, sv = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
         causal = n == 1  # a 1D scan sees the past only: compare with causal attention
         runs = {"sdpa": (lambda: F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal), [sq, sk, sv])}
+        lightnet_mode = "causal" if n == 1 else "box"
         for backend in args.backends.split(","):
             if backend == "triton" and n != 1:
                 continue  # the Triton grid kernels cover 1D grids so far
             runs[f"grid_scan[{backend}]"] = (lambda b=backend: grid_scan(q, k, v, **gates, backend=b), [q, k, v, *gates.values()])
-            if n == 2:
-                runs[f"lightnet box[{backend}]"] = (lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v])
+            runs[f"lightnet {lightnet_mode}[{backend}]"] = (
+                lambda b=backend: lightnet_scan(q, k, v, mode=lightnet_mode, backend=b), [q, k, v])
         results = {}
         for name, (run, leaves) in runs.items():
             try:

@@ -38,7 +38,7 @@ def test_grid_dtypes_devices_backend(grid):
         grid_scan(**{**grid, "mark": 1.0})
     with pytest.raises(ValueError, match=r"`transition` is on meta but `q` is on cpu"):
         grid_scan(**{**grid, "transition": grid["transition"].to("meta")})
-    with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'reference', 'torch'; got 'cuda'"):
+    with pytest.raises(ValueError, match=r"`backend` must be one of 'auto', 'reference', 'torch', 'triton'; got 'cuda'"):
         grid_scan(**grid, backend="cuda")
     with pytest.raises(ValueError, match=r"at least one spatial axis"):
         grid_scan(*(torch.zeros(2, 3, 4) for _ in range(6)))
@@ -113,6 +113,13 @@ def test_dag_triton_backend_where_it_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"dag_scan: backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1 on the CPU\), got cpu"):
         dag_scan(**inputs, graph=graph, backend="triton")
-    monkeypatch.setattr(kernels.importlib.util, "find_spec", lambda name: None)
+    line = grid_inputs(1, (5,), 1, 4, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"grid_scan: backend='triton' needs CUDA tensors"):
+        grid_scan(**line, backend="triton")
+    with pytest.raises(ValueError, match=r"lightnet_scan: backend='triton' needs CUDA tensors"):
+        lightnet_scan(line["q"], line["k"], line["v"], mode="causal", backend="triton")
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
     with pytest.raises(ValueError, match=r"dag_scan: backend='triton' needs the triton package"):
         dag_scan(**inputs, graph=graph, backend="triton")
+    with pytest.raises(ValueError, match=r"grid_scan: backend='triton' needs the triton package"):
+        grid_scan(**line, backend="triton")

@@ -24,7 +24,8 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         scale: defaults to Dk ** -0.5.
         angles: optional rotary angles (B, *S, H, Dk) (or broadcastable): each channel's weights are multiplied
             by cos(angles_p[c] - angles_s[c]), the relative positional encoding (LRPE) of LightNet.
-        backend: "auto", "reference" or "torch".
+        backend: "auto" (Triton on CUDA where it exists: causal mode and 1D box), "reference", "torch" or
+            "triton" (causal mode, and box mode on 1D grids: the scan on the 1D grid kernels).
 
     .. math::
         y_p = \text{scale} \sum_c q_p[c] \sum_{s \in R(p)} \operatorname{softmax}_{s \in R(p)}(k_s[c])
@@ -34,7 +35,7 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
     Returns y: (B, *S, H, Dv) in the dtype of v.
     """
     op = "lightnet_scan"
-    check_backend(op, backend)
+    check_backend(op, backend, ("auto", *_BACKENDS, "triton"))
     if mode not in MODES:
         raise ValueError(f"{op}: `mode` must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
     check_qkv(op, q, k, v, "(B, *S, H, Dk)")
@@ -54,7 +55,29 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         return v.new_zeros(v.shape)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = compute_dtype(q)
-    run = _BACKENDS["torch" if backend == "auto" else backend]
-    cast = lambda x: None if x is None else x.to(dtype)
+    args = [None if x is None else x.to(dtype) for x in (q, k, v)] + [mode, scale, None if angles is None else angles.to(dtype)]
     with torch.autocast(q.device.type, enabled=False):
-        return run(cast(q), cast(k), cast(v), mode, scale, cast(angles)).to(v.dtype)
+        features = (1 if angles is None else 2) * v.shape[-1] + 1  # what each channel's scan sums: [v (cos, sin), 1]
+        if _on_1d_kernels(op, backend, mode, q, features, dtype):
+            from ...kernels.grid1d import grid_scan_triton
+
+            return lightnet_scan_torch(*args, grid_scan=grid_scan_triton).to(v.dtype)
+        return _BACKENDS["torch" if backend == "auto" else backend](*args).to(v.dtype)
+
+
+def _on_1d_kernels(op: str, backend: str, mode: str, q: torch.Tensor, features: int, dtype: torch.dtype) -> bool:
+    """Whether the scan runs on the 1D grid kernels: causal mode, or box mode on a 1D grid, in float32
+    compute ("auto": on CUDA; "triton": required, with an error naming what does not fit)."""
+    from ... import kernels
+
+    fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and dtype == torch.float32 and features <= 256
+    if backend == "auto":
+        return fits and q.device.type == "cuda" and kernels.usable(q.device)
+    if backend != "triton":
+        return False
+    kernels.require(op, q.device)
+    if not fits:
+        raise ValueError(f"{op}: backend='triton' runs causal mode and box mode on 1D grids, in float32, with "
+                         f"up to 256 summed features per channel (Dv + 1, or 2 Dv + 1 with angles); got mode={mode!r} "
+                         f"on {q.dim() - 3} axes, {dtype}, {features} features (use backend='torch')")
+    return True

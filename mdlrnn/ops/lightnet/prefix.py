@@ -96,11 +96,12 @@ def lightnet_box(q, k, v, scale: float, angles=None, grid_scan=grid_scan_torch) 
     return _read(q, summed, angles, scale)
 
 
-def lightnet_scan_torch(q, k, v, mode: str, scale: float, angles=None) -> torch.Tensor:
+def lightnet_scan_torch(q, k, v, mode: str, scale: float, angles=None, grid_scan=grid_scan_torch) -> torch.Tensor:
+    """The three modes; causal and box run on `grid_scan` (the torch path, or the 1D Triton kernels)."""
     if mode == "global":
         return lightnet_global(q, k, v, scale, angles)
     if mode == "causal":
         batch, heads = q.shape[0], q.shape[-2]
         flat = lambda x: None if x is None else x.reshape(batch, -1, heads, x.shape[-1])
-        return lightnet_box(flat(q), flat(k), flat(v), scale, flat(angles)).reshape(v.shape)
-    return lightnet_box(q, k, v, scale, angles)
+        return lightnet_box(flat(q), flat(k), flat(v), scale, flat(angles), grid_scan).reshape(v.shape)
+    return lightnet_box(q, k, v, scale, angles, grid_scan)
