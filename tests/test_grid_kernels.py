@@ -122,9 +122,6 @@ def test_compiles_without_graph_breaks(generator, device):
 
 
 def test_auto_and_errors(generator, device):
-    grid2d = {k: x.float().to(device) for k, x in grid_inputs(1, (3, 4), 1, 4, 4, generator=generator).items()}
-    with pytest.raises(ValueError, match="1D grids"):
-        grid_scan(**grid2d, backend="triton")
     line = grid_inputs(1, (5,), 1, 4, 4, generator=generator)
     with pytest.raises(TypeError, match="float32"):
         grid_scan(**{k: x.to(device) for k, x in line.items()}, backend="triton")
@@ -164,3 +161,17 @@ def test_lightnet_triton_errors(generator, device):
         lightnet_scan(q, q, q, mode="box", backend="triton")
     with pytest.raises(ValueError, match="causal mode"):
         lightnet_scan(q, q, q, mode="global", backend="triton")
+
+
+@pytest.mark.parametrize("sizes", [(5, 7), (1, 9), (9, 1), (13, 11), (3, 4, 5)], ids=str)
+def test_tile_path_with_triton_across_tiles(sizes, generator, device, monkeypatch):
+    """N >= 2 with backend='triton': the torch tile path whose scan across tiles is the Triton kernel pair."""
+    from mdlrnn.kernels import across
+
+    launches = []
+    launch = across._launch
+    monkeypatch.setattr(across, "_launch", lambda kernel, *args: launches.append(kernel) or launch(kernel, *args))
+    errors = compare(grid_inputs(2, sizes, 2, 4, 5, generator=generator), device)
+    assert max(errors.values()) < 1e-5, errors
+    # one launch per direction; the forward twice, since the tile path recomputes it in backward (checkpoint)
+    assert launches == [across._across_kernel, across._across_kernel, across._across_adjoint_kernel]

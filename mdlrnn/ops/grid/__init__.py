@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -20,12 +22,13 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dt
 
     head_dims_fit = max(q.shape[-1], dv) <= 256
     if backend == "auto":
+        # N >= 2 stays on the torch path until its Triton across-tiles pass has been timed on a GPU
         fits = ndim == 1 and head_dims_fit and dtype == torch.float32
         return "triton" if fits and q.device.type == "cuda" and kernels.usable(q.device) else "torch"
     if backend == "triton":
         kernels.require(op, q.device)
-        if ndim != 1:
-            raise ValueError(f"{op}: backend='triton' runs 1D grids (N = 1), got N = {ndim}; use backend='torch'")
+        if ndim > 1:
+            return backend
         if dtype == torch.float64:
             raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
         if not head_dims_fit:
@@ -44,7 +47,8 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
         mark: (B, *S, H, N), M[p, b] weighs the edge entering p along b in p's output.
         direct: (B, *S, H) or None, weight of the position's own key/value.
         scale: defaults to Dk ** -0.5.
-        backend: "auto" (Triton on CUDA for 1D grids, else torch), "reference", "torch" or "triton" (1D).
+        backend: "auto" (Triton on CUDA for 1D grids, else torch), "reference", "torch" or "triton" (1D: the
+            chunk kernels; N >= 2: the tile path with the scan across tiles as one Triton launch).
 
     .. math::
         C_a[p] = \sum_b T[p,a,b] C_b[p - e_b] + S[p,a] k_p v_p^\top, \qquad
@@ -71,15 +75,21 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     scale = dk**-0.5 if scale is None else float(scale)
 
     dtype = compute_dtype(q, source, transition, mark, direct)
-    if _pick_backend(op, backend, q, v.shape[-1], ndim, dtype) == "triton":
+    backend = _pick_backend(op, backend, q, v.shape[-1], ndim, dtype)
+    if backend == "triton" and ndim == 1:
         from ...kernels.grid1d import grid_scan_triton
 
         with torch.autocast(q.device.type, enabled=False):  # q, k, v keep their dtype; products accumulate in fp32
             return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
-    run = _BACKENDS["torch" if backend == "auto" else backend]
+    if backend == "triton":  # N >= 2: the tile path with its scan across tiles in one Triton launch per direction
+        from ...kernels.across import AcrossTilesTriton
+
+        run = partial(grid_scan_torch, across=AcrossTilesTriton)
+    else:
+        run = _BACKENDS[backend]
     with torch.autocast(q.device.type, enabled=False):
-        if run is grid_scan_torch and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+        if run is not grid_scan_reference and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
             # keep only the inputs; the tile states (a few Dk x Dv per position) are recomputed in backward
             return checkpoint(run, *args, scale, use_reentrant=False).to(v.dtype)
         return run(*args, scale).to(v.dtype)

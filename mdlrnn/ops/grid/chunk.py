@@ -137,7 +137,8 @@ class AcrossTiles(torch.autograd.Function):
         return d_local, d_border.view_as(exit_border), None
 
 
-def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> torch.Tensor:
+def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, across=AcrossTiles) -> torch.Tensor:
+    """The tile path; `across` runs the scan across tiles (AcrossTiles, or the Triton AcrossTilesTriton)."""
     batch, *sizes, heads, dk = q.shape
     dv, ndim = v.shape[-1], len(sizes)
     plan = tile_plan(tuple(sizes), q.device)
@@ -158,7 +159,7 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float) -> 
         # sum_s phi[e, s] k_s v_s^T = (phi_e * K^T) V, all e in one product: (R, E * Dk, P_t) @ (R, P_t, Dv)
         weighted_keys = exits[..., None, :tile_size] * k_t.transpose(1, 2)[:, None]
         exit_local = weighted_keys.reshape(-1, border * dk, tile_size) @ v_t
-        c_in = AcrossTiles.apply(
+        c_in = across.apply(
             exit_local.reshape(*tiles_by_group, border, dk * dv),
             exits[..., tile_size:].reshape(*tiles_by_group, border, border),
             plan,
