@@ -35,7 +35,7 @@ def test_main_demo_runs_interrupted_and_resumed(tmp_path, capsys):
     summaries = demo["main"]([*quick, "--resume"])
     assert all(s["finished"] and len(s["history"]) == 2 for s in summaries.values())
     out = capsys.readouterr().out
-    assert re.search(r"\| pLSTM \| [\d.]+M \| 2/2 \| [\d.]+ \| [\d.]+ \|", out)
+    assert re.search(r"\| pLSTM \| [\d.]+M \| 2/2 \| [\d.]+ \| [\d.]+ \|", out) and "acc@96 (2x)" in out
     assert re.search(r"\| ViT \| [\d.]+M \| 2/2 \|", out)
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert results["pLSTM"]["config"]["eval_sizes"] == [48, 96]

@@ -76,16 +76,19 @@ def train(label: str, name: str, kwargs: list[str], args, forwarded: list[str], 
 
 
 def report(summaries: dict, preset: dict, out: Path) -> str:
-    """The extrapolation table (markdown) and OUT/extrapolation.png: accuracy per epoch at both sizes."""
-    any_summary = next(iter(summaries.values()))
-    small, large = any_summary["config"]["eval_sizes"][:2]
-    lines = [f"| model | params | epochs | acc@{small} | acc@{large} (2x) |" + (" paper |" if preset["paper"] else ""),
-             "| --- | --- | --- | --- | --- |" + (" --- |" if preset["paper"] else "")]
+    """The extrapolation table (markdown) and OUT/extrapolation.png: accuracy per epoch at every eval size."""
+    config = next(iter(summaries.values()))["config"]
+    trained, sizes = config["img_size"], config["eval_sizes"]
+    heads = [f"acc@{s}" + (f" ({s / trained:g}x)" if s != trained else "") for s in sizes]
+    paper = " paper |" if preset["paper"] else ""
+    lines = [f"| model | params | epochs | {' | '.join(heads)} |{paper}",
+             "| --- " * (3 + len(sizes)) + "|" + (" --- |" if paper else "")]
     for label, summary in summaries.items():
-        row, epochs = summary["final"], summary["config"]["epochs"]
-        line = (f"| {label} | {summary['params'] / 1e6:.2f}M | {len(summary['history'])}/{epochs} "
-                f"| {row[f'val{small}_acc']:.3f} | {row[f'val{large}_acc']:.3f} |")
-        if preset["paper"]:
+        row = summary["final"]
+        accuracies = " | ".join(f"{row[f'val{s}_acc']:.3f}" for s in sizes)
+        done = f"{len(summary['history'])}/{summary['config']['epochs']}"
+        line = f"| {label} | {summary['params'] / 1e6:.2f}M | {done} | {accuracies} |"
+        if paper:
             line += " {:.3f} / {:.3f} |".format(*preset["paper"][label])
         lines.append(line)
     import matplotlib
@@ -94,13 +97,13 @@ def report(summaries: dict, preset: dict, out: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(6, 4))
-    for (label, summary), colour in zip(summaries.items(), ("C0", "C1", "C2", "C3")):
+    for index, (label, summary) in enumerate(summaries.items()):
         epochs = [row["epoch"] for row in summary["history"]]
-        for size, style in ((small, "-"), (large, "--")):
-            axis.plot(epochs, [row[f"val{size}_acc"] for row in summary["history"]], style, color=colour,
+        for size, style in zip(sizes, ("-", "--", ":", "-.") * len(sizes)):
+            axis.plot(epochs, [row[f"val{size}_acc"] for row in summary["history"]], style, color=f"C{index}",
                       label=f"{label} @{size} px")
     axis.axhline(0.5, color="grey", lw=0.8)
-    axis.set(xlabel="epoch", ylabel="held-out accuracy", title=f"arrow pointing: trained at {small} px")
+    axis.set(xlabel="epoch", ylabel="held-out accuracy", title=f"arrow pointing: trained at {trained} px")
     axis.legend()
     axis.grid(alpha=0.3)
     fig.tight_layout()
