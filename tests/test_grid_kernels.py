@@ -125,8 +125,8 @@ def test_auto_and_errors(generator, device):
     line = grid_inputs(1, (5,), 1, 4, 4, generator=generator)
     with pytest.raises(TypeError, match="float32"):
         grid_scan(**{k: x.to(device) for k, x in line.items()}, backend="triton")
-    wide = grid_inputs(1, (5,), 1, 4, 300, generator=generator, dtype=torch.float32)
-    with pytest.raises(ValueError, match="up to 256"):
+    wide = grid_inputs(1, (5,), 1, 4, 130, generator=generator, dtype=torch.float32)
+    with pytest.raises(ValueError, match="up to 128"):
         grid_scan(**{k: x.to(device) for k, x in wide.items()}, backend="triton")
     # on the CPU "auto" stays on the torch path, interpreter or not
     cpu = {k: x.float() for k, x in line.items()}
@@ -175,3 +175,20 @@ def test_tile_path_with_triton_across_tiles(sizes, generator, device, monkeypatc
     assert max(errors.values()) < 1e-5, errors
     # one launch per direction; the forward twice, since the tile path recomputes it in backward (checkpoint)
     assert launches == [across._across_kernel, across._across_kernel, across._across_adjoint_kernel]
+
+
+def test_nan_gate_propagates_like_the_reference(generator, device):
+    """A NaN transition poisons every later output, as in the recurrence; it must not read as a zero gate."""
+    inputs = grid_inputs(1, (10,), 1, 4, 4, generator=generator)
+    inputs["transition"][0, 3] = float("nan")
+    ref = grid_scan(**inputs, backend="reference")
+    out = grid_scan(**{k: x.float().to(device) for k, x in inputs.items()}, backend="triton").cpu()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref[:, 4:]).all()
+
+
+def test_tile_path_across_kernel_refuses_double_backward(generator, device):
+    inputs = {k: x.float().to(device).requires_grad_() for k, x in grid_inputs(1, (5, 6), 1, 2, 2, generator=generator).items()}
+    (grad,) = torch.autograd.grad(grid_scan(**inputs, backend="triton").sum(), inputs["q"], create_graph=True)
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+        grad.sum().backward()
+

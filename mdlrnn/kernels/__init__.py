@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -29,3 +30,8 @@ def require(op: str, device: torch.device) -> None:
         raise ValueError(f"{op}: backend='triton' needs the triton package (pip install triton)")
     if not usable(device):
         raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
+
+
+def on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

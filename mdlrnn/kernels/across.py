@@ -16,6 +16,9 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from . import on_device
 
 
 @triton.jit(do_not_specialize=["num_steps", "G", "E", "F"])
@@ -23,7 +26,7 @@ def _across_kernel(EXITS, ENTERING, A, SOURCE, BOUNDS, num_steps, G, E, F,
                    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """EXITS (T, G, E, F) holds U and becomes C_exit; ENTERING (T, G, E, F) gets C_enter; A (T, G, E, E);
     SOURCE (T, E): the tile each border edge enters from, or -1; BOUNDS: the tile range of each hyperplane."""
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)  # int64 offsets: (T, G, E, F) buffers pass 2^31 elements on large grids
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_mask = cols < F
     for step in range(num_steps):
@@ -61,7 +64,7 @@ def _across_adjoint_kernel(D_EXITS, D_ENTERING, A, SOURCE, BOUNDS, num_steps, G,
                            BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
     """Hyperplanes in reverse: dC_enter[t, e] = d_entering[t, e] + sum_e' A[t, e', e] dC_exit[t, e'], stored as
     dC_exit of the source tile. D_EXITS (T, G, E, F) starts at zero and ends as dLoss/dU."""
-    g = tl.program_id(0)
+    g = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     col_mask = cols < F
     for back in range(num_steps):
@@ -103,9 +106,10 @@ def _launch(kernel, states, other, exit_border, plan) -> None:
     source, bounds = _sources(plan)
     block_f = min(128, triton.next_power_of_2(features))
     block_r = max(16, min(128, triton.next_power_of_2(4096 // block_f)))
-    kernel[(groups, triton.cdiv(features, block_f))](
-        states, other, exit_border, source, bounds, len(plan.across), groups, border, features,
-        BLOCK_R=block_r, BLOCK_F=block_f)
+    with on_device(states.device):
+        kernel[(groups, triton.cdiv(features, block_f))](
+            states, other, exit_border, source, bounds, len(plan.across), groups, border, features,
+            BLOCK_R=block_r, BLOCK_F=block_f)
 
 
 class AcrossTilesTriton(torch.autograd.Function):
@@ -122,6 +126,7 @@ class AcrossTilesTriton(torch.autograd.Function):
         return entering
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, d_entering):
         exit_border, entering = ctx.saved_tensors
         d_local = torch.zeros_like(entering)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 
 @triton.jit
 def _neighbour(T, LINE_ID, POSITION, TENSOR, line, carries, h, H, DK, DV, tile_offset, tile):
@@ -130,9 +132,10 @@ class TritonScanner:
         if edges == 0:
             return states
         grid, blocks = _launch(heads, dk, dv, states.device)
-        _states_kernel[grid](k_src.contiguous(), v_src.contiguous(), transition.contiguous(), states,
-                             graph.level_ptr, graph.line_out_ptr, graph.line_by_out, graph.fwd_in,
-                             graph.num_levels, heads, dk, dv, **blocks)
+        with on_device(states.device):
+            _states_kernel[grid](k_src.contiguous(), v_src.contiguous(), transition.contiguous(), states,
+                                 graph.level_ptr, graph.line_out_ptr, graph.line_by_out, graph.fwd_in,
+                                 graph.num_levels, heads, dk, dv, **blocks)
         return states
 
     @staticmethod
@@ -142,9 +145,10 @@ class TritonScanner:
         d_t = adjoint.new_zeros(graph.num_line_edges, heads, grid[1] * grid[2])
         adjoint = adjoint.contiguous()
         if edges:
-            _adjoint_kernel[grid](adjoint, transition.contiguous(), states, d_t, graph.level_ptr,
-                                  graph.line_in_ptr, graph.line_by_in, graph.bwd_out,
-                                  graph.num_levels, heads, dk, dv, grid[1] * grid[2], **blocks)
+            with on_device(states.device):
+                _adjoint_kernel[grid](adjoint, transition.contiguous(), states, d_t, graph.level_ptr,
+                                      graph.line_in_ptr, graph.line_by_in, graph.bwd_out,
+                                      graph.num_levels, heads, dk, dv, grid[1] * grid[2], **blocks)
         return adjoint, d_t.sum(-1)
 
 

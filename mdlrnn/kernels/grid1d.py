@@ -12,8 +12,8 @@ the logs |T_i| it spans, so it never overflows), a chunk with entering state C_i
 (a sequential pass over chunks, split by blocks of the state), the outputs (chunks in parallel,
 tensor-core products), the adjoint states dC (the same pass in reverse) and every gradient of a chunk
 (in parallel). The gradient of a gate T_i collects, in log space, each pair, entering and leaving term
-whose product spans i; |T| is clamped at 1e-12 inside the logs (a change of at most 1e-12 in any
-product), so a zero gate's gradient is the exact product of the others.
+whose product spans i; |T| is clamped at 1e-12 inside the logs (a zero gate enters its products as 1e-12), so a zero gate's gradient is the
+exact product of the others.
 """
 
 from typing import Optional
@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from . import on_device
 
 
 @triton.jit
@@ -34,7 +36,8 @@ def _chunk_gates(T, base, offs, valid, H):
     """The gates of a chunk, log|T| (clamped) and the inclusive running count of negative gates.
     Positions past the end read T = 1: they change no product."""
     t = tl.load(T + base + offs * H, mask=valid, other=1.0)
-    log_t = tl.log(tl.maximum(tl.abs(t), 1e-12))
+    magnitude = tl.abs(t)
+    log_t = tl.log(tl.where(magnitude < 1e-12, 1e-12, magnitude))  # not tl.maximum: it would turn a NaN gate into 1e-12
     neg = (t < 0).to(tl.int32)
     return t, log_t, neg, tl.cumsum(neg, 0)
 
@@ -63,7 +66,8 @@ def _pair_products(log_t, neg, neg_cum, BC: tl.constexpr):
 @triton.jit
 def _load_rows(X, b, h, offs, valid, col, cols, sb, sl, sh):
     """Rows offs of X[b, :, h, :] (row stride sl, unit column stride), zero outside."""
-    return tl.load(X + b * sb + h * sh + offs[:, None] * sl + col[None, :], mask=valid[:, None] & (col < cols)[None, :],
+    rows = offs.to(tl.int64)[:, None] * sl
+    return tl.load(X + b * sb + h * sh + rows + col[None, :], mask=valid[:, None] & (col < cols)[None, :],
                    other=0.0).to(tl.float32)
 
 
@@ -85,7 +89,7 @@ def _pass_kernel(A, B, T, GATE, OUT, sab, sal, sah, sbb, sbl, sbh, L, H, DK, DV,
     Reverse (A, B, GATE = Q, dY, M): OUT[b, h, c] = dLoss/dC_exit of chunk c,
         dC_exit(c - 1) = a(c) dC_exit(c) + scale Q^T diag(M e_in) dY.
     """
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)  # int64 offsets: states and long sequences pass 2^31 elements
     b, h = bh // H, bh % H
     gate_base = b * L * H + h
     col_k, col_v, state_offset, inside = _state_block(DK, DV, BK, BV)
@@ -126,7 +130,7 @@ def _output_kernel(Q, K, V, T, S, M, D, STATES, Y, sqb, sql, sqh, skb, skl, skh,
                    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DIRECT: tl.constexpr,
                    PRECISION: tl.constexpr):
     """Y[b, chunk, h, block of Dv], all chunks in parallel."""
-    c, bh, iv = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    bh, c, iv = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
     b, h = bh // H, bh % H
     i = tl.arange(0, BC)
     offs = c * BC + i
@@ -151,7 +155,7 @@ def _gradient_kernel(Q, K, V, T, S, M, D, STATES, D_STATES, DY, DQ, DK_OUT, DV_O
                      BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DIRECT: tl.constexpr,
                      PRECISION: tl.constexpr):
     """Every gradient of one chunk, from its entering state C_in and the adjoint dC of its exit state."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     i = tl.arange(0, BC)
     offs = c * BC + i
@@ -251,13 +255,14 @@ def grid_scan_1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
     y = _empty(batch, length, heads, dv, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
     precision = _precision(q)
-    _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
-        k, v, transition, source, states, *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
-        BC=chunk, BK=bk, BV=bv, REVERSE=False, PRECISION=precision)
-    _output_kernel[(chunks, batch * heads, triton.cdiv(dv, bv))](
-        q, k, v, transition, source, mark, direct if direct is not None else source, states, y,
-        *_strides(q), *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
-        BC=chunk, BK=_block(dk), BV=bv, HAS_DIRECT=direct is not None, PRECISION=precision)
+    with on_device(q.device):
+        _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+            k, v, transition, source, states, *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
+            BC=chunk, BK=bk, BV=bv, REVERSE=False, PRECISION=precision)
+        _output_kernel[(batch * heads, chunks, triton.cdiv(dv, bv))](
+            q, k, v, transition, source, mark, direct if direct is not None else source, states, y,
+            *_strides(q), *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
+            BC=chunk, BK=_block(dk), BV=bv, HAS_DIRECT=direct is not None, PRECISION=precision)
     return y, states
 
 
@@ -281,16 +286,18 @@ def grid_scan_1d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sou
     d_states = _empty(*states.shape, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
     precision = _precision(q)
-    _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
-        q, dy, transition, mark, d_states, *_strides(q), *_strides(dy), length, heads, dk, dv, chunks, scale,
-        BC=chunk, BK=bk, BV=bv, REVERSE=True, PRECISION=precision)
     grads = [_empty(batch, length, heads, n, device=q.device) for n in (dk, dk, dv)]
     gates = [_empty(*source.shape, device=q.device) for _ in range(3)]
     d_direct = _empty(*source.shape, device=q.device) if direct is not None else source.new_empty(0)
-    _gradient_kernel[(chunks, batch * heads)](
-        q, k, v, transition, source, mark, direct if direct is not None else source, states, d_states, dy,
-        *grads, *gates, d_direct, *_strides(q), *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
-        BC=chunk, BK=_block(dk), BV=_block(dv), HAS_DIRECT=direct is not None, PRECISION=precision, num_warps=8)
+    with on_device(q.device):
+        _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+            q, dy, transition, mark, d_states, *_strides(q), *_strides(dy), length, heads, dk, dv, chunks, scale,
+            BC=chunk, BK=bk, BV=bv, REVERSE=True, PRECISION=precision)
+        _gradient_kernel[(batch * heads, chunks)](
+            q, k, v, transition, source, mark, direct if direct is not None else source, states, d_states, dy,
+            *grads, *gates, d_direct, *_strides(q), *_strides(k), *_strides(v), length, heads, dk, dv, chunks,
+            scale, BC=chunk, BK=_block(dk), BV=_block(dv), HAS_DIRECT=direct is not None, PRECISION=precision,
+            num_warps=8)
     d_transition, d_source, d_mark = gates
     return [*grads, d_source, d_transition, d_mark, d_direct]
 

@@ -20,7 +20,7 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dt
     """"auto": the Triton kernels on CUDA where they exist (1D grids, float32 compute), else the torch path."""
     from ... import kernels
 
-    head_dims_fit = max(q.shape[-1], dv) <= 256
+    head_dims_fit = max(q.shape[-1], dv) <= 128  # the gradient kernel holds whole (Dk, Dv) states per program
     if backend == "auto":
         # N >= 2 stays on the torch path until its Triton across-tiles pass has been timed on a GPU
         fits = ndim == 1 and head_dims_fit and dtype == torch.float32
@@ -32,7 +32,8 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dt
         if dtype == torch.float64:
             raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
         if not head_dims_fit:
-            raise ValueError(f"{op}: backend='triton' takes head dimensions up to 256, got Dk={q.shape[-1]}, Dv={dv}")
+            raise ValueError(f"{op}: backend='triton' takes head dimensions up to 128 on 1D grids, got Dk={q.shape[-1]}, "
+                             f"Dv={dv} (use backend='torch')")
     return backend
 
 

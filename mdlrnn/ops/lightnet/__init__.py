@@ -70,14 +70,16 @@ def _on_1d_kernels(op: str, backend: str, mode: str, q: torch.Tensor, features: 
     compute ("auto": on CUDA; "triton": required, with an error naming what does not fit)."""
     from ... import kernels
 
-    fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and dtype == torch.float32 and features <= 256
+    fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and features <= 128
     if backend == "auto":
-        return fits and q.device.type == "cuda" and kernels.usable(q.device)
+        return fits and dtype == torch.float32 and q.device.type == "cuda" and kernels.usable(q.device)
     if backend != "triton":
         return False
     kernels.require(op, q.device)
+    if dtype == torch.float64:
+        raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
     if not fits:
-        raise ValueError(f"{op}: backend='triton' runs causal mode and box mode on 1D grids, in float32, with "
-                         f"up to 256 summed features per channel (Dv + 1, or 2 Dv + 1 with angles); got mode={mode!r} "
-                         f"on {q.dim() - 3} axes, {dtype}, {features} features (use backend='torch')")
+        raise ValueError(f"{op}: backend='triton' runs causal mode and box mode on 1D grids with up to 128 summed "
+                         f"features per channel (Dv + 1, or 2 Dv + 1 with angles); got mode={mode!r} on "
+                         f"{q.dim() - 3} axes and {features} features (use backend='torch')")
     return True
