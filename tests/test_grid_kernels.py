@@ -199,3 +199,15 @@ def test_tile_path_with_triton_across_tiles_half_precision(generator, device):
     errors = compare(rounded, device, dtype=torch.float16)
     assert max(errors.values()) < 1e-2, errors
 
+
+def test_plstm1d_layer_compiles_without_graph_breaks(device):
+    """A whole pLSTM layer (two orientations, projections, gates) on the 1D kernels, under fullgraph compile."""
+    from mdlrnn.layers import PLSTM1D
+
+    layer = PLSTM1D(32, 2, backend="triton").to(device)
+    x = torch.randn(2, 20, 32, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    assert relative_error(y, layer(x)) < 1e-6 and torch.isfinite(x.grad).all()
+
