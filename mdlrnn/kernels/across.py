@@ -1,6 +1,6 @@
 """Triton kernels for the scan across tiles of grid_scan's tile path (N >= 2): C_exit = A C_enter + U.
 
-The torch path (mdlrnn.ops.grid.chunk.AcrossTiles) runs this as a Python loop over the tile grid's
+The torch path (mdlrnn.ops.grid.chunk.TorchAcross) runs this as a Python loop over the tile grid's
 hyperplanes, a few kernel launches per hyperplane, forward and backward. Here each direction is one launch.
 Every feature column of a state is an independent recurrence, so programs split the work by group
 (batch x head) and by a block of BLOCK_F features and never talk to each other; each program walks the
@@ -16,7 +16,6 @@ from functools import lru_cache
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 from . import on_device
 
@@ -112,24 +111,18 @@ def _launch(kernel, states, other, exit_border, plan) -> None:
             BLOCK_R=block_r, BLOCK_F=block_f)
 
 
-class AcrossTilesTriton(torch.autograd.Function):
-    """mdlrnn.ops.grid.chunk.AcrossTiles with one kernel launch per direction (same arguments and result)."""
+class TritonAcross:
+    """mdlrnn.ops.grid.chunk.TorchAcross as one kernel launch per direction (same contracts)."""
 
     @staticmethod
-    def forward(ctx, exit_local, exit_border, plan):
+    def states(exit_local, exit_border, plan):
         exits = exit_local.contiguous().clone()
-        exit_border = exit_border.contiguous()
         entering = torch.empty_like(exits)
-        _launch(_across_kernel, exits, entering, exit_border, plan)
-        ctx.save_for_backward(exit_border, entering)
-        ctx.plan = plan
+        _launch(_across_kernel, exits, entering, exit_border.contiguous(), plan)
         return entering
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_entering):
-        exit_border, entering = ctx.saved_tensors
-        d_local = torch.zeros_like(entering)
-        _launch(_across_adjoint_kernel, d_local, d_entering.contiguous(), exit_border, ctx.plan)
-        d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
-        return d_local, d_border.view_as(exit_border), None
+    def adjoint(d_entering, exit_border, plan):
+        d_local = torch.zeros_like(d_entering)
+        _launch(_across_adjoint_kernel, d_local, d_entering.contiguous(), exit_border.contiguous(), plan)
+        return d_local

@@ -84,9 +84,9 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
             return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
     if backend == "triton":  # N >= 2: the tile path with its scan across tiles in one Triton launch per direction
-        from ...kernels.across import AcrossTilesTriton
+        from ...kernels.across import TritonAcross
 
-        run = partial(grid_scan_torch, across=AcrossTilesTriton)
+        run = partial(grid_scan_torch, across=TritonAcross)
     else:
         run = _BACKENDS[backend]
     with torch.autocast(q.device.type, enabled=False):

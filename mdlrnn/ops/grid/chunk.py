@@ -90,16 +90,12 @@ def _entering_rows(plan: TilePlan, groups: int, border: int) -> tuple[torch.Tens
     return tuple(rows)
 
 
-class AcrossTiles(torch.autograd.Function):
-    """Border states entering every tile: C_exit = A C_enter + U, tile hyperplane after hyperplane.
-
-    exit_local: (T, G, E, F) the U term; exit_border: (T, G, E, E) the A term. Returns C_enter (T, G, E, F).
-    Written as one op with the adjoint scan as its backward, so states live in two buffers instead of
-    per-step autograd nodes: dC_enter += A^T dC_exit, scattered back to the exits it was gathered from.
-    """
+class TorchAcross:
+    """The scan across tiles as a Python loop over the tile grid's hyperplanes (a few launches each)."""
 
     @staticmethod
-    def forward(ctx, exit_local, exit_border, plan):
+    def states(exit_local, exit_border, plan):
+        """C_enter (T, G, E, F) of every tile: C_exit = A C_enter + U, hyperplane after hyperplane."""
         tiles, groups, border, features = exit_local.shape
         all_rows = _entering_rows(plan, groups, border)
         # exits start as U and gain A C_enter in place, hyperplane by hyperplane; the appended zero row is
@@ -114,31 +110,50 @@ class AcrossTiles(torch.autograd.Function):
             torch.index_select(exits, 0, rows, out=entering[span].view(-1, features))
             out = exits[step.start * groups * border : step.stop * groups * border].view(-1, border, features)
             out.baddbmm_(exit_border[span].flatten(0, 1), entering[span].flatten(0, 1))
-        ctx.save_for_backward(exit_border, entering)
-        ctx.plan = plan
         return entering
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, d_entering):
-        exit_border, entering = ctx.saved_tensors
-        tiles, groups, border, features = entering.shape
-        all_rows = _entering_rows(ctx.plan, groups, border)
-        d_exits = entering.new_zeros(tiles * groups * border + 1, features)
-        for step, rows in zip(reversed(ctx.plan.across), reversed(all_rows)):
+    def adjoint(d_entering, exit_border, plan):
+        """dLoss/dU (T, G, E, F): dC_enter += A^T dC_exit, scattered back to the exits it was gathered from."""
+        tiles, groups, border, features = d_entering.shape
+        all_rows = _entering_rows(plan, groups, border)
+        d_exits = d_entering.new_zeros(tiles * groups * border + 1, features)
+        for step, rows in zip(reversed(plan.across), reversed(all_rows)):
             if rows is None:
                 continue
             span = slice(step.start, step.stop)
             d_out = d_exits[step.start * groups * border : step.stop * groups * border].view(-1, border, features)
             d_in = torch.baddbmm(d_entering[span].flatten(0, 1), exit_border[span].flatten(0, 1).transpose(1, 2), d_out)
             d_exits.index_add_(0, rows, d_in.view(-1, features))
-        d_local = d_exits[:-1].view_as(entering)
+        return d_exits[:-1].view_as(d_entering)
+
+
+class AcrossTiles(torch.autograd.Function):
+    """Border states entering every tile: C_exit = A C_enter + U, tile hyperplane after hyperplane.
+
+    exit_local: (T, G, E, F) the U term; exit_border: (T, G, E, E) the A term. Returns C_enter (T, G, E, F).
+    Written as one op with the adjoint scan as its backward, so states live in two buffers instead of
+    per-step autograd nodes. `scanner` runs both scans: TorchAcross, or mdlrnn.kernels.across.TritonAcross.
+    """
+
+    @staticmethod
+    def forward(ctx, exit_local, exit_border, plan, scanner):
+        entering = scanner.states(exit_local, exit_border, plan)
+        ctx.save_for_backward(exit_border, entering)
+        ctx.plan, ctx.scanner = plan, scanner
+        return entering
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_entering):
+        exit_border, entering = ctx.saved_tensors
+        d_local = ctx.scanner.adjoint(d_entering, exit_border, ctx.plan)
         d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
-        return d_local, d_border.view_as(exit_border), None
+        return d_local, d_border.view_as(exit_border), None, None
 
 
-def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, across=AcrossTiles) -> torch.Tensor:
-    """The tile path; `across` runs the scan across tiles (AcrossTiles, or the Triton AcrossTilesTriton)."""
+def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, across=TorchAcross) -> torch.Tensor:
+    """The tile path; `across` runs the scan across tiles (TorchAcross, or the Triton TritonAcross)."""
     batch, *sizes, heads, dk = q.shape
     dv, ndim = v.shape[-1], len(sizes)
     plan = tile_plan(tuple(sizes), q.device)
@@ -159,10 +174,11 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, acr
         # sum_s phi[e, s] k_s v_s^T = (phi_e * K^T) V, all e in one product: (R, E * Dk, P_t) @ (R, P_t, Dv)
         weighted_keys = exits[..., None, :tile_size] * k_t.transpose(1, 2)[:, None]
         exit_local = weighted_keys.reshape(-1, border * dk, tile_size) @ v_t
-        c_in = across.apply(
+        c_in = AcrossTiles.apply(
             exit_local.reshape(*tiles_by_group, border, dk * dv),
             exits[..., tile_size:].reshape(*tiles_by_group, border, border),
             plan,
+            across,
         ).view(-1, border, dk, dv)
         # y_p += q_p^T sum_j G[p, j] C_j, contracting first over whichever of Dk and E is smaller
         if dk < border:
