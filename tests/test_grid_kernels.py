@@ -161,6 +161,8 @@ def test_lightnet_triton_errors(generator, device):
         lightnet_scan(q, q, q, mode="box", backend="triton")
     with pytest.raises(ValueError, match="causal mode"):
         lightnet_scan(q, q, q, mode="global", backend="triton")
+    with pytest.raises(TypeError, match="computes in float32; got float64"):
+        lightnet_scan(q.double(), q.double(), q.double(), mode="causal", backend="triton")
 
 
 @pytest.mark.parametrize("sizes", [(5, 7), (1, 9), (9, 1), (13, 11), (3, 4, 5)], ids=str)

@@ -32,6 +32,22 @@ def require(op: str, device: torch.device) -> None:
         raise ValueError(f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}")
 
 
+def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype, unfit: str | None = None) -> bool:
+    """Whether an op runs on its Triton kernels. "auto": where they fit (`unfit` None: the reason they don't),
+    in float32 compute, on CUDA. "triton": yes, or the error saying why not (no triton, no CUDA, float64
+    inputs, `unfit`). Any other backend: no."""
+    if backend == "auto":
+        return unfit is None and dtype == torch.float32 and device.type == "cuda" and usable(device)
+    if backend != "triton":
+        return False
+    require(op, device)
+    if dtype == torch.float64:
+        raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
+    if unfit is not None:
+        raise ValueError(f"{op}: backend='triton' {unfit} (use backend='torch')")
+    return True
+
+
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

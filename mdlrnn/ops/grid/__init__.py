@@ -20,21 +20,16 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dt
     """"auto": the Triton kernels on CUDA where they exist (1D grids, float32 compute), else the torch path."""
     from ... import kernels
 
-    head_dims_fit = max(q.shape[-1], dv) <= 128  # the gradient kernel holds whole (Dk, Dv) states per program
-    if backend == "auto":
-        # N >= 2 stays on the torch path until its Triton across-tiles pass has been timed on a GPU
-        fits = ndim == 1 and head_dims_fit and dtype == torch.float32
-        return "triton" if fits and q.device.type == "cuda" and kernels.usable(q.device) else "torch"
-    if backend == "triton":
-        kernels.require(op, q.device)
-        if ndim > 1:
-            return backend
-        if dtype == torch.float64:
-            raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
-        if not head_dims_fit:
-            raise ValueError(f"{op}: backend='triton' takes head dimensions up to 128 on 1D grids, got Dk={q.shape[-1]}, "
-                             f"Dv={dv} (use backend='torch')")
-    return backend
+    if ndim > 1:  # the tile path with its Triton across-tiles pass: opt-in until it has been timed on a GPU
+        if backend == "triton":
+            kernels.require(op, q.device)
+        return "torch" if backend == "auto" else backend
+    dk = q.shape[-1]
+    # the gradient kernel holds whole (Dk, Dv) states per program
+    unfit = None if max(dk, dv) <= 128 else f"takes head dimensions up to 128 on 1D grids, got Dk={dk}, Dv={dv}"
+    if kernels.choose(op, backend, q.device, dtype, unfit):
+        return "triton"
+    return "torch" if backend == "auto" else backend
 
 
 def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):

@@ -55,7 +55,7 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         return v.new_zeros(v.shape)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = compute_dtype(q)
-    args = [None if x is None else x.to(dtype) for x in (q, k, v)] + [mode, scale, None if angles is None else angles.to(dtype)]
+    args = [q.to(dtype), k.to(dtype), v.to(dtype), mode, scale, None if angles is None else angles.to(dtype)]
     with torch.autocast(q.device.type, enabled=False):
         features = (1 if angles is None else 2) * v.shape[-1] + 1  # what each channel's scan sums: [v (cos, sin), 1]
         if _on_1d_kernels(op, backend, mode, q, features, dtype):
@@ -71,15 +71,7 @@ def _on_1d_kernels(op: str, backend: str, mode: str, q: torch.Tensor, features: 
     from ... import kernels
 
     fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and features <= 128
-    if backend == "auto":
-        return fits and dtype == torch.float32 and q.device.type == "cuda" and kernels.usable(q.device)
-    if backend != "triton":
-        return False
-    kernels.require(op, q.device)
-    if dtype == torch.float64:
-        raise TypeError(f"{op}: backend='triton' computes in float32; got float64 inputs (use backend='torch')")
-    if not fits:
-        raise ValueError(f"{op}: backend='triton' runs causal mode and box mode on 1D grids with up to 128 summed "
-                         f"features per channel (Dv + 1, or 2 Dv + 1 with angles); got mode={mode!r} on "
-                         f"{q.dim() - 3} axes and {features} features (use backend='torch')")
-    return True
+    unfit = None if fits else (
+        f"runs causal mode and box mode on 1D grids with up to 128 summed features per channel (Dv + 1, or "
+        f"2 Dv + 1 with angles); got mode={mode!r} on {q.dim() - 3} axes and {features} features")
+    return kernels.choose(op, backend, q.device, dtype, unfit)
