@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import random
 import sys
@@ -258,13 +257,6 @@ def create_model(args, num_classes: int) -> nn.Module:
 # ---------------------------------------------------------------------------------------- training
 
 
-def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def evaluate(model, loader, ctx: Dist, amp: bool) -> dict:
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # correct, loss, count: on the device, no sync per batch
@@ -347,6 +339,8 @@ def main(argv=None) -> dict:
     from torch.utils.data import DataLoader, DistributedSampler, Subset
     from tqdm import tqdm
 
+    from mdlrnn.training import optimizer_step, warmup_cosine
+
     args = parse_args(argv)
     ctx = Dist(args.device)
     out = Path(args.out)
@@ -376,7 +370,7 @@ def main(argv=None) -> dict:
     optimizer = create_optimizer_v2(model, "adamw", lr=args.lr, weight_decay=args.weight_decay)
     steps = args.epochs * len(train_loader)
     warmup = max(1, round(args.warmup_epochs * len(train_loader)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup, args.min_lr_ratio))
+    scheduler = warmup_cosine(optimizer, steps, warmup, args.min_lr_ratio)
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
         if batch % 2:
@@ -407,12 +401,7 @@ def main(argv=None) -> dict:
             with torch.autocast(ctx.device.type, torch.bfloat16, enabled=amp):
                 logits = net(images)
             loss = loss_fn(logits.float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, model, optimizer, scheduler, args.clip_grad)
             if ema is not None:
                 ema.update(model)
             totals += torch.stack([loss.detach() * labels.numel(), (logits.argmax(-1) == labels).sum(),

@@ -29,6 +29,7 @@ from torch import nn
 from mdlrnn.data.graphs import folds, prepare_graph, split_validation
 from mdlrnn.graphs import BaselineGNN, PLSTMGraphNet
 from mdlrnn.graphs.dag import ORDERS
+from mdlrnn.training import optimizer_step, warmup_cosine
 
 MODELS = ("plstm", "gin", "gcn", "gat")
 
@@ -112,17 +113,6 @@ def make_model(name: str, in_channels: int, out_channels: int, edge_dim: int | N
 # ------------------------------------------------------------------------------------------- training
 
 
-def schedule(optimizer, epochs: int, steps_per_epoch: int, warmup_epochs: float):
-    total, warmup = epochs * steps_per_epoch, max(1, int(warmup_epochs * steps_per_epoch))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def evaluate(model, loader, task: str, device) -> dict:
     model.eval()
     correct = count = 0
@@ -160,7 +150,8 @@ def run_fold(name, graphs, train_idx, val_idx, test_idx, task, out_channels, arg
     edge_dim = graphs[0].edge_attr.shape[1] if graphs[0].edge_attr is not None else None
     model = make_model(name, graphs[0].x.shape[1], out_channels, edge_dim, args).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = schedule(optimizer, args.epochs, len(train_loader), args.warmup_epochs)
+    steps = len(train_loader)
+    scheduler = warmup_cosine(optimizer, args.epochs * steps, max(1, int(args.warmup_epochs * steps)))
     loss_fn = nn.CrossEntropyLoss() if task == "classification" else nn.L1Loss()
     best, best_state = None, None
     for _ in range(args.epochs):
@@ -171,12 +162,7 @@ def run_fold(name, graphs, train_idx, val_idx, test_idx, task, out_channels, arg
             out = model(batch.x, batch.edge_index, batch.edge_attr, batch.batch)
             target = batch.y.view(-1) if task == "classification" else batch.y.view(-1, 1).float()
             loss = loss_fn(out, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            scheduler.step()
+            optimizer_step(loss, model, optimizer, scheduler, args.clip_grad)
             loss_sum += loss.detach() * batch.num_graphs
         train_loss = loss_sum.item() / len(train_loader.dataset)
         val = evaluate(model, val_loader, task, device)
