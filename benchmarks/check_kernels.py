@@ -1,12 +1,12 @@
 """The Triton grid kernels against the float64 step-by-step reference at real sizes, on the GPU.
 
-1D grids of 196 (B=64) to 16384 positions (B=2), H=3, D=64, transitions over (-1, 1) with some exactly
+1D grids of 196 (B=64) to 16384 positions (B=2) and 2D grids of 14x14 (B=64) to 128x128 (B=2), H=3, D=64, transitions over (-1, 1) with some exactly
 zero; float32 and bfloat16 inputs; the output and every gradient. The kernels' outputs are poisoned with
-NaN before they run (grid1d.POISON), so anything a kernel fails to write shows up. Bounds (DEVELOPERS'
+NaN before they run (kernels.POISON), so anything a kernel fails to write shows up. Bounds (DEVELOPERS'
 brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table, writes JSON
 and exits 1 on any failure.
 
-    python benchmarks/check_kernels.py [--out benchmarks/results/check_kernels.json]
+    python benchmarks/check_kernels.py [--dims 1,2] [--out benchmarks/results/check_kernels.json]
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from pathlib import Path
 import torch
 
 from mdlrnn import grid_scan
-from mdlrnn.kernels import grid1d
+from mdlrnn import kernels
 from mdlrnn.testing import grid_inputs, relative_error
 
-CASES = [((196,), 64), ((1024,), 16), ((4096,), 4), ((16384,), 2)]
+CASES = {
+    1: [((196,), 64), ((1024,), 16), ((4096,), 4), ((16384,), 2)],
+    2: [((14, 14), 64), ((37, 29), 4), ((64, 64), 8), ((128, 128), 2)],
+}
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 NAMES = ("q", "k", "v", "source", "transition", "mark", "direct")
 
@@ -57,13 +60,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "check_kernels.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dims", default="1,2", help="comma-separated grid dimensionalities")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
-    grid1d.POISON = True
+    kernels.POISON = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, H=3, D=64, outputs poisoned with NaN")
     print(f"{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
     rows = []
-    for sizes, batch in CASES:
+    for sizes, batch in [case for n in map(int, args.dims.split(",")) for case in CASES[n]]:
         for row in check(sizes, batch, 3, 64, args.seed):
             grads = {k: e for k, e in row["errors"].items() if k != "y"}
             which = max(grads, key=grads.get)

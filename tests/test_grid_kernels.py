@@ -63,7 +63,7 @@ def test_float32_matches_reference(length, direct, generator, device):
 def test_many_chunks_and_odd_head_sizes(dims, generator, device, monkeypatch):
     """Chunks of 16 so that small sequences cross many chunk borders; head sizes off the block grid; outputs
     poisoned with NaN first, so every element must be written."""
-    monkeypatch.setattr(grid1d, "POISON", True)
+    monkeypatch.setattr(kernels, "POISON", True)
     errors = compare(signed_inputs(2, 53, 3, *dims, generator), device, chunk=16, scale=0.4)
     assert max(errors.values()) < 1e-5, errors
 
@@ -165,18 +165,46 @@ def test_lightnet_triton_errors(generator, device):
         lightnet_scan(q.double(), q.double(), q.double(), mode="causal", backend="triton")
 
 
-@pytest.mark.parametrize("sizes", [(5, 7), (1, 9), (9, 1), (13, 11), (3, 4, 5)], ids=str)
-def test_tile_path_with_triton_across_tiles(sizes, generator, device, monkeypatch):
-    """N >= 2 with backend='triton': the torch tile path whose scan across tiles is the Triton kernel pair."""
-    from mdlrnn.kernels import across
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 4 per axis from 17 positions up, so that small grids cross many tile borders."""
+    from mdlrnn.kernels import tiles
 
-    launches = []
-    launch = across._launch
-    monkeypatch.setattr(across, "_launch", lambda kernel, *args: launches.append(kernel) or launch(kernel, *args))
-    errors = compare(grid_inputs(2, sizes, 2, 4, 5, generator=generator), device)
+    monkeypatch.setattr(tiles, "WHOLE_GRID", 16)
+    monkeypatch.setattr(tiles, "TILE_EDGE", 4)
+
+
+@pytest.mark.parametrize("sizes", [(5, 7), (1, 9), (9, 1), (13, 11), (3, 4, 5)], ids=str)
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "no_direct"])
+def test_tile_kernels_match_reference(sizes, direct, generator, device, small_tiles, monkeypatch):
+    """N >= 2 with backend='triton': the transfer (2D), read-out and exit kernels, every gradient, on grids
+    off the tile grid and across tile borders; outputs poisoned with NaN first."""
+    monkeypatch.setattr(kernels, "POISON", True)
+    inputs = grid_inputs(2, sizes, 2, 4, 5, generator=generator, direct=direct)
+    inputs["transition"] = torch.tanh(2 * torch.randn(inputs["transition"].shape, generator=generator, dtype=torch.float64))
+    errors = compare(inputs, device)
     assert max(errors.values()) < 1e-5, errors
-    # one launch per direction; the forward twice, since the tile path recomputes it in backward (checkpoint)
-    assert launches == [across._across_kernel, across._across_kernel, across._across_adjoint_kernel]
+
+
+def test_tile_kernels_whole_grid_and_wide_heads(generator, device):
+    """A grid of up to 256 positions is one tile (no border states); head sizes off the block grid."""
+    errors = compare(grid_inputs(1, (6, 11), 3, 24, 40, generator=generator), device, scale=0.3)
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_tile_kernels_custom_op_registration(generator, device):
+    from mdlrnn.kernels import tiles
+
+    rows, size, border = 3, 12, 7
+    make = lambda *shape: torch.rand(*shape, generator=generator).to(device).requires_grad_()
+    q, k, v = make(rows, size, 8), make(rows, size, 8), make(rows, size, 6)
+    weights, entering, exits = make(rows, size, size + border), make(rows, border, 8, 6), make(rows, border, size + border)
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.mdlrnn.tile_readout, (q, k, v, weights, entering), test_utils=checks)
+    torch.library.opcheck(torch.ops.mdlrnn.tile_exits, (k, v, exits), test_utils=checks)
+    ranks = tiles._ranks((3, 4), device)
+    gates = (make(rows, size, 2), make(rows, size, 4), make(rows, size, 2), make(rows, size, 1))
+    torch.library.opcheck(torch.ops.mdlrnn.tile_transfer, (*gates, ranks, 3, 4), test_utils=checks)
 
 
 def test_nan_gate_propagates_like_the_reference(generator, device):
@@ -188,14 +216,14 @@ def test_nan_gate_propagates_like_the_reference(generator, device):
     assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(ref[:, 4:]).all()
 
 
-def test_tile_path_across_kernel_refuses_double_backward(generator, device):
+def test_tile_kernels_refuse_double_backward(generator, device, small_tiles):
     inputs = {k: x.float().to(device).requires_grad_() for k, x in grid_inputs(1, (5, 6), 1, 2, 2, generator=generator).items()}
     (grad,) = torch.autograd.grad(grid_scan(**inputs, backend="triton").sum(), inputs["q"], create_graph=True)
-    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad|no autograd formula"):
         grad.sum().backward()
 
 
-def test_tile_path_with_triton_across_tiles_half_precision(generator, device):
+def test_tile_kernels_half_precision(generator, device, small_tiles):
     inputs = grid_inputs(2, (9, 7), 2, 8, 8, generator=generator)
     rounded = {k: x.half().double() for k, x in inputs.items()}  # the reference sees what the kernels see
     errors = compare(rounded, device, dtype=torch.float16)

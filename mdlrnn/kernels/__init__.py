@@ -51,3 +51,13 @@ def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype, unfi
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+POISON = False  # benchmarks/check_kernels.py: kernel outputs start as NaN, so a missed write cannot pass unseen
+
+
+def empty(*shape, device) -> torch.Tensor:
+    """A float32 buffer for a kernel to fill (NaN-filled while POISON is set)."""
+    if POISON:
+        return torch.full(shape, float("nan"), device=device)
+    return torch.empty(*shape, device=device, dtype=torch.float32)

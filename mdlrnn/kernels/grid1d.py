@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
+from . import empty, on_device
 
 
 @triton.jit
@@ -219,15 +219,6 @@ def _gradient_kernel(Q, K, V, T, S, M, D, STATES, D_STATES, DY, DQ, DK_OUT, DV_O
 
 # ------------------------------------------------------------------------------------------ host side
 
-POISON = False  # benchmarks/check_kernels.py: outputs start as NaN, so a missed write cannot pass unseen
-
-
-def _empty(*shape, device) -> torch.Tensor:
-    if POISON:
-        return torch.full(shape, float("nan"), device=device)
-    return torch.empty(*shape, device=device, dtype=torch.float32)
-
-
 def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -251,8 +242,8 @@ def grid_scan_1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
     chunks = triton.cdiv(length, chunk)
-    states = _empty(batch, heads, chunks, dk, dv, device=q.device)
-    y = _empty(batch, length, heads, dv, device=q.device)
+    states = empty(batch, heads, chunks, dk, dv, device=q.device)
+    y = empty(batch, length, heads, dv, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
     precision = _precision(q)
     with on_device(q.device):
@@ -283,12 +274,12 @@ def grid_scan_1d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sou
     dv = v.shape[-1]
     chunks = states.shape[2]
     dy = dy.float().contiguous()
-    d_states = _empty(*states.shape, device=q.device)
+    d_states = empty(*states.shape, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
     precision = _precision(q)
-    grads = [_empty(batch, length, heads, n, device=q.device) for n in (dk, dk, dv)]
-    gates = [_empty(*source.shape, device=q.device) for _ in range(3)]
-    d_direct = _empty(*source.shape, device=q.device) if direct is not None else source.new_empty(0)
+    grads = [empty(batch, length, heads, n, device=q.device) for n in (dk, dk, dv)]
+    gates = [empty(*source.shape, device=q.device) for _ in range(3)]
+    d_direct = empty(*source.shape, device=q.device) if direct is not None else source.new_empty(0)
     with on_device(q.device):
         _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
             q, dy, transition, mark, d_states, *_strides(q), *_strides(dy), length, heads, dk, dv, chunks, scale,

@@ -17,16 +17,14 @@ _BACKENDS = {"reference": grid_scan_reference, "torch": grid_scan_torch}
 
 
 def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dtype: torch.dtype) -> str:
-    """"auto": the Triton kernels on CUDA where they exist (1D grids, float32 compute), else the torch path."""
+    """"auto": the Triton kernels on CUDA for 1D and 2D grids (float32 compute), else the torch path."""
     from ... import kernels
 
-    if ndim > 1:  # the tile path with its Triton across-tiles pass: opt-in until it has been timed on a GPU
-        if backend == "triton":
-            kernels.require(op, q.device)
-        return "torch" if backend == "auto" else backend
     dk = q.shape[-1]
-    # the gradient kernel holds whole (Dk, Dv) states per program
-    unfit = None if max(dk, dv) <= 128 else f"takes head dimensions up to 128 on 1D grids, got Dk={dk}, Dv={dv}"
+    # the 1D gradient kernel holds whole (Dk, Dv) states per program, the tile kernels whole rows of q, k, v
+    unfit = None if max(dk, dv) <= 128 else f"takes head dimensions up to 128, got Dk={dk}, Dv={dv}"
+    if ndim > 2 and backend == "auto":  # 3D tiles run the torch transfer beside the kernels: not timed on a GPU
+        return "torch"
     if kernels.choose(op, backend, q.device, dtype, unfit):
         return "triton"
     return "torch" if backend == "auto" else backend
@@ -43,8 +41,8 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
         mark: (B, *S, H, N), M[p, b] weighs the edge entering p along b in p's output.
         direct: (B, *S, H) or None, weight of the position's own key/value.
         scale: defaults to Dk ** -0.5.
-        backend: "auto" (Triton on CUDA for 1D grids, else torch), "reference", "torch" or "triton" (1D: the
-            chunk kernels; N >= 2: the tile path with the scan across tiles as one Triton launch).
+        backend: "auto" (Triton on CUDA for 1D and 2D grids, else torch), "reference", "torch" or "triton" (1D: the
+            chunk kernels; N >= 2: the tile path on the tile kernels, mdlrnn.kernels.tiles).
 
     .. math::
         C_a[p] = \sum_b T[p,a,b] C_b[p - e_b] + S[p,a] k_p v_p^\top, \qquad
@@ -78,14 +76,17 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
         with torch.autocast(q.device.type, enabled=False):  # q, k, v keep their dtype; products accumulate in fp32
             return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
-    if backend == "triton":  # N >= 2: the tile path with its scan across tiles in one Triton launch per direction
-        from ...kernels.across import TritonAcross
+    if backend == "triton":  # N >= 2: the tile path on the tile kernels; q, k, v keep a common half dtype
+        from ...kernels.tiles import TritonTiles
 
-        run = partial(grid_scan_torch, across=TritonAcross)
+        if q.dtype == k.dtype == v.dtype:
+            args[:3] = q, k, v
+        run = partial(grid_scan_torch, tiles=TritonTiles)
     else:
         run = _BACKENDS[backend]
     with torch.autocast(q.device.type, enabled=False):
-        if run is not grid_scan_reference and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
-            # keep only the inputs; the tile states (a few Dk x Dv per position) are recomputed in backward
+        if backend == "torch" and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
+            # keep only the inputs; the tile states (a few Dk x Dv per position) are recomputed in backward.
+            # The tile kernels save only scalar weights and border states, so they skip the recomputation.
             return checkpoint(run, *args, scale, use_reentrant=False).to(v.dtype)
         return run(*args, scale).to(v.dtype)

@@ -21,7 +21,7 @@ from functools import lru_cache
 import torch
 from torch.autograd.function import once_differentiable
 
-from .plan import TilePlan, tile_plan
+from .plan import TilePlan, tile_plan, tile_shape
 
 
 def _to_tiles(x: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
@@ -133,62 +133,91 @@ class AcrossTiles(torch.autograd.Function):
 
     exit_local: (T, G, E, F) the U term; exit_border: (T, G, E, E) the A term. Returns C_enter (T, G, E, F).
     Written as one op with the adjoint scan as its backward, so states live in two buffers instead of
-    per-step autograd nodes. `scanner` runs both scans: TorchAcross, or mdlrnn.kernels.across.TritonAcross.
+    per-step autograd nodes. (A Triton kernel walking all hyperplanes in one launch was slower than this loop
+    at every size timed on an H100, so there is none.)
     """
 
     @staticmethod
-    def forward(ctx, exit_local, exit_border, plan, scanner):
-        entering = scanner.states(exit_local, exit_border, plan)
+    def forward(ctx, exit_local, exit_border, plan):
+        entering = TorchAcross.states(exit_local, exit_border, plan)
         ctx.save_for_backward(exit_border, entering)
-        ctx.plan, ctx.scanner = plan, scanner
+        ctx.plan = plan
         return entering
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_entering):
         exit_border, entering = ctx.saved_tensors
-        d_local = ctx.scanner.adjoint(d_entering, exit_border, ctx.plan)
-        d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
-        return d_local, d_border.view_as(exit_border), None, None
+        with torch.autocast(d_entering.device.type, enabled=False):  # backward under autocast: stay in float32
+            d_local = TorchAcross.adjoint(d_entering, exit_border, ctx.plan)
+            d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
+        return d_local, d_border.view_as(exit_border), None
 
 
-def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, across=TorchAcross) -> torch.Tensor:
-    """The tile path; `across` runs the scan across tiles (TorchAcross, or the Triton TritonAcross)."""
+class TorchTiles:
+    """The matrix-valued work of the tile path as batched torch products (the Triton version:
+    mdlrnn.kernels.tiles.TritonTiles). `tile` picks the tile shape."""
+
+    tile = staticmethod(tile_shape)
+
+    @staticmethod
+    def transfer(plan, source, transition, mark, direct):
+        """X (R, E, P_t + E), the exit edges' rows of phi, and W (R, P_t, P_t + E): see _transfer."""
+        phi, weights = _transfer(plan, source, transition, mark, direct)
+        return phi.flatten(1, 2).index_select(1, plan.exits), weights
+
+    @staticmethod
+    def exits(k_t, v_t, exits):
+        """U (R, E, Dk, Dv): sum_s X[e, s] k_s v_s^T, all e in one product (R, E * Dk, P_t) @ (R, P_t, Dv)."""
+        rows, size, dk = k_t.shape
+        weighted_keys = exits[..., None, :size] * k_t.transpose(1, 2)[:, None]
+        return (weighted_keys.reshape(rows, -1, size) @ v_t).view(rows, exits.shape[1], dk, v_t.shape[-1])
+
+    @staticmethod
+    def readout(q_t, k_t, v_t, weights, c_in):
+        """y (R, P_t, Dv) = (W_local * Q K^T) V + q_p^T sum_j W[p, P_t + j] C_j (c_in (R, E, Dk, Dv) or None)."""
+        rows, size, dk = q_t.shape
+        y = (weights[..., :size] * (q_t @ k_t.transpose(-1, -2))) @ v_t  # direct term on the diagonal
+        if c_in is None:
+            return y
+        border, dv = c_in.shape[1], c_in.shape[-1]
+        # contracting first over whichever of Dk and E is smaller
+        if dk < border:
+            marked = (weights[..., size:] @ c_in.view(rows, border, dk * dv)).view(rows, size, dk, dv)
+            return y + (q_t[..., :, None] * marked).sum(-2)
+        if dv > size:  # q_p^T C_j as (R, E, P_t, Dv): broadcasting q moves less than transposing C
+            q_c = q_t[:, None] @ c_in
+            return y + (weights[..., size:].transpose(1, 2)[..., None] * q_c).sum(1)
+        q_c = q_t @ c_in.transpose(1, 2).reshape(rows, dk, border * dv)  # (R, P_t, E * Dv), one product per tile
+        return y + (weights[..., size:, None] * q_c.view(rows, size, border, dv)).sum(2)
+
+
+def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, tiles=TorchTiles) -> torch.Tensor:
+    """The tile path; `tiles` does its matrix-valued work (TorchTiles, or the Triton TritonTiles).
+
+    q, k, v share a dtype and the gates share one; the output has the dtype of the tiles' products."""
     batch, *sizes, heads, dk = q.shape
     dv, ndim = v.shape[-1], len(sizes)
-    plan = tile_plan(tuple(sizes), q.device)
+    plan = tile_plan(tuple(sizes), q.device, tiles.tile(tuple(sizes)))
     num_positions, tile_size = math.prod(sizes), plan.tile_size
 
-    # one gather for all per-position inputs
-    per_position = [q, k, v, source, mark, transition.flatten(-2)] + ([] if direct is None else [direct[..., None]])
-    features = [x.shape[-1] for x in per_position]
-    inputs = torch.cat([x.reshape(batch, num_positions, heads, -1) for x in per_position], -1)
-    q_t, k_t, v_t, s_t, m_t, t_t, *d_t = _to_tiles(inputs, plan, batch, heads).split(features, -1)
+    # one gather for q, k, v and one for the gates
+    def gather(parts):
+        widths = [x.shape[-1] for x in parts]
+        joined = torch.cat([x.reshape(batch, num_positions, heads, -1) for x in parts], -1)
+        return _to_tiles(joined, plan, batch, heads).split(widths, -1)
 
-    phi, weights = _transfer(plan, s_t, t_t.unflatten(-1, (ndim, ndim)), m_t, d_t[0] if d_t else None)
-    y = (weights[..., :tile_size] * (q_t @ k_t.transpose(-1, -2))) @ v_t  # direct term on the diagonal
+    q_t, k_t, v_t = gather([q, k, v])
+    s_t, m_t, t_t, *d_t = gather([source, mark, transition.flatten(-2)] + ([] if direct is None else [direct[..., None]]))
 
+    exits, weights = tiles.transfer(plan, s_t, t_t.unflatten(-1, (ndim, ndim)), m_t, d_t[0] if d_t else None)
+    c_in = None
     if plan.num_tiles > 1:
         tiles_by_group, border = (plan.num_tiles, batch * heads), plan.num_border
-        exits = phi.flatten(1, 2).index_select(1, plan.exits)  # (R, E, P_t + E)
-        # sum_s phi[e, s] k_s v_s^T = (phi_e * K^T) V, all e in one product: (R, E * Dk, P_t) @ (R, P_t, Dv)
-        weighted_keys = exits[..., None, :tile_size] * k_t.transpose(1, 2)[:, None]
-        exit_local = weighted_keys.reshape(-1, border * dk, tile_size) @ v_t
         c_in = AcrossTiles.apply(
-            exit_local.reshape(*tiles_by_group, border, dk * dv),
+            tiles.exits(k_t, v_t, exits).view(*tiles_by_group, border, dk * dv),
             exits[..., tile_size:].reshape(*tiles_by_group, border, border),
             plan,
-            across,
         ).view(-1, border, dk, dv)
-        # y_p += q_p^T sum_j G[p, j] C_j, contracting first over whichever of Dk and E is smaller
-        if dk < border:
-            marked = (weights[..., tile_size:] @ c_in.view(-1, border, dk * dv)).view(-1, tile_size, dk, dv)
-            y = y + (q_t[..., :, None] * marked).sum(-2)
-        elif dv > tile_size:  # q_p^T C_j as (R, E, P_t, Dv): broadcasting q moves less than transposing C
-            q_c = q_t[:, None] @ c_in
-            y = y + (weights[..., tile_size:].transpose(1, 2)[..., None] * q_c).sum(1)
-        else:  # q_p^T C_j as (R, P_t, E * Dv), one product per tile
-            q_c = q_t @ c_in.transpose(1, 2).reshape(-1, dk, border * dv)
-            y = y + (weights[..., tile_size:, None] * q_c.view(-1, tile_size, border, dv)).sum(2)
-
+    y = tiles.readout(q_t, k_t, v_t, weights, c_in)
     return scale * _from_tiles(y, plan, batch, heads).reshape(batch, *sizes, heads, dv)

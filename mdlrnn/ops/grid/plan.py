@@ -207,8 +207,9 @@ def _intra_tile(tile: tuple[int, ...]):
 
 @torch.compiler.disable  # index arithmetic, cached: run eagerly rather than traced into every graph
 @lru_cache(maxsize=64)
-def tile_plan(sizes: tuple[int, ...], device: torch.device) -> TilePlan:
-    tile = tile_shape(sizes)
+def tile_plan(sizes: tuple[int, ...], device: torch.device, tile: tuple[int, ...] | None = None) -> TilePlan:
+    """The plan for tiles of shape `tile` (default: tile_shape(sizes))."""
+    tile = tile_shape(sizes) if tile is None else tuple(min(s, c) for s, c in zip(sizes, tile))
     counts = tuple(math.ceil(s / c) for s, c in zip(sizes, tile))
     num_positions, num_tiles = math.prod(sizes), math.prod(counts)
 
