@@ -205,6 +205,9 @@ def test_tile_kernels_custom_op_registration(generator, device):
     ranks = tiles._ranks((3, 4), device)
     gates = (make(rows, size, 2), make(rows, size, 4), make(rows, size, 2), make(rows, size, 1))
     torch.library.opcheck(torch.ops.mdlrnn.tile_transfer, (*gates, ranks, 3, 4), test_utils=checks)
+    for sizes in [(3, 5), (20, 17)]:  # one tile; several (16 x 16) tiles
+        grid = {k: x.float().to(device).requires_grad_() for k, x in grid_inputs(1, sizes, 1, 4, 3, generator=generator).items()}
+        torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d, (*grid.values(), 0.5), test_utils=checks)
 
 
 def test_nan_gate_propagates_like_the_reference(generator, device):
@@ -241,3 +244,14 @@ def test_plstm1d_layer_compiles_without_graph_breaks(device):
     y.square().sum().backward()
     assert relative_error(y, layer(x)) < 1e-6 and torch.isfinite(x.grad).all()
 
+
+def test_plstm2d_layer_compiles_without_graph_breaks(device, small_tiles):
+    """A whole 2D pLSTM layer (four orientations) on the tile kernels, with border states, under fullgraph compile."""
+    from mdlrnn.layers import PLSTM2D
+
+    layer = PLSTM2D(8, 1, backend="triton").to(device)
+    x = torch.randn(1, 5, 5, 8, device=device, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.square().sum().backward()
+    assert relative_error(y, layer(x)) < 1e-6 and torch.isfinite(x.grad).all()

@@ -561,8 +561,9 @@ WHOLE_GRID = 256
 TILE_EDGE = 16
 
 
-class TritonTiles:
-    """mdlrnn.ops.grid.chunk.TorchTiles on the kernels above (same contracts), with its own tile shape."""
+class TritonTiles(TorchTiles):
+    """mdlrnn.ops.grid.chunk.TorchTiles with the read-out and exits on the kernels above and its own tile shape
+    (3D grids; 2D grids run all of it, the transfer kernel too, as mdlrnn.kernels.grid2d's op)."""
 
     @staticmethod
     def tile(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -572,12 +573,3 @@ class TritonTiles:
 
     exits = staticmethod(tile_exits)
     readout = staticmethod(tile_readout)
-
-    @staticmethod
-    def transfer(plan, source, transition, mark, direct):
-        """(X, W) as TorchTiles.transfer; 2D tiles on the transfer kernel, other tiles on the torch solve."""
-        if len(plan.tile) != 2:
-            return TorchTiles.transfer(plan, source, transition, mark, direct)
-        weights, exits, _ = tile_transfer(source, transition.flatten(-2), mark, direct, _ranks(plan.tile, source.device),
-                                          *plan.tile)
-        return exits, weights

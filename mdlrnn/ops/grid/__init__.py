@@ -76,11 +76,16 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
         with torch.autocast(q.device.type, enabled=False):  # q, k, v keep their dtype; products accumulate in fp32
             return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
-    if backend == "triton":  # N >= 2: the tile path on the tile kernels; q, k, v keep a common half dtype
+    if backend == "triton" and q.dtype == k.dtype == v.dtype:  # the tile kernels take q, k, v in a half dtype
+        args[:3] = q, k, v
+    if backend == "triton" and ndim == 2:
+        from ...kernels.grid2d import grid_scan_2d
+
+        with torch.autocast(q.device.type, enabled=False):
+            return grid_scan_2d(*args, scale)[0].to(v.dtype)
+    if backend == "triton":  # 3D: the tile path with the read-out and exits on the tile kernels
         from ...kernels.tiles import TritonTiles
 
-        if q.dtype == k.dtype == v.dtype:
-            args[:3] = q, k, v
         run = partial(grid_scan_torch, tiles=TritonTiles)
     else:
         run = _BACKENDS[backend]

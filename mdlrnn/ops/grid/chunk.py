@@ -15,7 +15,6 @@ adjoint scan. Memory stays linear in the number of positions.
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -37,6 +36,20 @@ def _from_tiles(y: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torc
     features = y.shape[-1]
     y = y.view(plan.num_tiles, batch, heads, plan.tile_size, features).permute(1, 0, 3, 2, 4)
     return y.reshape(batch, plan.num_tiles * plan.tile_size, heads, features).index_select(1, plan.scatter)
+
+
+def gather_tiles(plan: TilePlan, q, k, v, source, transition, mark, direct):
+    """q, k, v, S, M, T (flattened to N * N) and D (or None) of every tile, (T * B * H, P_t, F) each: one gather for
+    q, k, v and one for the gates."""
+    batch, heads = q.shape[0], q.shape[-2]
+
+    def gather(parts):
+        widths = [x.shape[-1] for x in parts]
+        joined = torch.cat([x.reshape(batch, -1, heads, x.shape[-1]) for x in parts], -1)
+        return _to_tiles(joined, plan, batch, heads).split(widths, -1)
+
+    gates = gather([source, mark, transition.flatten(-2)] + ([] if direct is None else [direct[..., None]]))
+    return (*gather([q, k, v]), *gates[:3], gates[3] if direct is not None else None)
 
 
 def _transfer(plan: TilePlan, source, transition, mark, direct):
@@ -199,18 +212,9 @@ def grid_scan_torch(q, k, v, source, transition, mark, direct, scale: float, til
     batch, *sizes, heads, dk = q.shape
     dv, ndim = v.shape[-1], len(sizes)
     plan = tile_plan(tuple(sizes), q.device, tiles.tile(tuple(sizes)))
-    num_positions, tile_size = math.prod(sizes), plan.tile_size
-
-    # one gather for q, k, v and one for the gates
-    def gather(parts):
-        widths = [x.shape[-1] for x in parts]
-        joined = torch.cat([x.reshape(batch, num_positions, heads, -1) for x in parts], -1)
-        return _to_tiles(joined, plan, batch, heads).split(widths, -1)
-
-    q_t, k_t, v_t = gather([q, k, v])
-    s_t, m_t, t_t, *d_t = gather([source, mark, transition.flatten(-2)] + ([] if direct is None else [direct[..., None]]))
-
-    exits, weights = tiles.transfer(plan, s_t, t_t.unflatten(-1, (ndim, ndim)), m_t, d_t[0] if d_t else None)
+    tile_size = plan.tile_size
+    q_t, k_t, v_t, s_t, m_t, t_t, d_t = gather_tiles(plan, q, k, v, source, transition, mark, direct)
+    exits, weights = tiles.transfer(plan, s_t, t_t.unflatten(-1, (ndim, ndim)), m_t, d_t)
     c_in = None
     if plan.num_tiles > 1:
         tiles_by_group, border = (plan.num_tiles, batch * heads), plan.num_border
