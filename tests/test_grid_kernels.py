@@ -255,3 +255,14 @@ def test_plstm2d_layer_compiles_without_graph_breaks(device, small_tiles):
     y = compiled(x)
     y.square().sum().backward()
     assert relative_error(y, layer(x)) < 1e-6 and torch.isfinite(x.grad).all()
+
+
+def test_tile_kernels_backward_under_autocast(generator, device, small_tiles):
+    """Backward called inside autocast (as training loops do) keeps the op's float32 steps in float32."""
+    inputs = {k: x.float().to(device).requires_grad_() for k, x in grid_inputs(1, (6, 5), 2, 4, 4, generator=generator).items()}
+    y = grid_scan(**inputs, backend="triton")
+    expected = torch.autograd.grad(y.square().sum(), list(inputs.values()))
+    with torch.autocast(device.type, dtype=torch.float16):
+        y = grid_scan(**inputs, backend="triton")
+        grads = torch.autograd.grad(y.square().sum(), list(inputs.values()))
+    assert all(relative_error(g, e) < 1e-6 for g, e in zip(grads, expected))

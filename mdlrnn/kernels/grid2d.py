@@ -49,6 +49,11 @@ def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
     """[y (B, X, Y, H, Dv) float32, weights, exits, phi, entering] (entering empty for a one-tile grid).
 
     q, k, v: one dtype (float32, float16, bfloat16); gates float32, in grid_scan's shapes."""
+    with torch.autocast(q.device.type, enabled=False):  # the torch steps in here stay in float32
+        return _forward(q, k, v, source, transition, mark, direct, scale)
+
+
+def _forward(q, k, v, source, transition, mark, direct, scale):
     batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     plan = _plan(q)
     q_t, k_t, v_t, s_t, m_t, t_t, d_t = gather_tiles(plan, q, k, v, source, transition, mark, direct)
@@ -81,6 +86,11 @@ def grid_scan_2d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sou
                           weights: torch.Tensor, exits: torch.Tensor, phi: torch.Tensor, entering: torch.Tensor,
                           dy: torch.Tensor, scale: float) -> list[torch.Tensor]:
     """[dq, dk, dv, d_source, d_transition, d_mark, d_direct] in float32 (d_direct empty without direct)."""
+    with torch.autocast(q.device.type, enabled=False):  # backward may run under the caller's autocast
+        return _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale)
+
+
+def _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale):
     batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     plan = _plan(q)
     size, border = plan.tile_size, plan.num_border
