@@ -205,9 +205,13 @@ def test_tile_kernels_custom_op_registration(generator, device):
     ranks = tiles._ranks((3, 4), device)
     gates = (make(rows, size, 2), make(rows, size, 4), make(rows, size, 2), make(rows, size, 1))
     torch.library.opcheck(torch.ops.mdlrnn.tile_transfer, (*gates, ranks, 3, 4), test_utils=checks)
-    for sizes in [(3, 5), (20, 17)]:  # one tile; several (16 x 16) tiles
-        grid = {k: x.float().to(device).requires_grad_() for k, x in grid_inputs(1, sizes, 1, 4, 3, generator=generator).items()}
-        torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d, (*grid.values(), 0.5), test_utils=checks)
+    for sizes, orientations in [((3, 5), [0]), ((20, 17), [0, 1, 2, 3])]:  # one tile; several (16 x 16) tiles
+        grid = grid_inputs(1, sizes, 1, 4, 3, generator=generator)
+        count = len(orientations)  # gates (B, X, Y, O, H, ...)
+        stack = lambda g: torch.stack([g] * count, 3).float().to(device).requires_grad_()
+        q, k, v, direct = (grid[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "direct"))
+        args = (q, k, v, stack(grid["source"]), stack(grid["transition"]), stack(grid["mark"]), direct, 0.5, orientations)
+        torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d, args, test_utils=checks)
 
 
 def test_nan_gate_propagates_like_the_reference(generator, device):
@@ -266,3 +270,21 @@ def test_tile_kernels_backward_under_autocast(generator, device, small_tiles):
         y = grid_scan(**inputs, backend="triton")
         grads = torch.autograd.grad(y.square().sum(), list(inputs.values()))
     assert all(relative_error(g, e) < 1e-6 for g, e in zip(grads, expected))
+
+
+@pytest.mark.parametrize("mode", ["P", "D"])
+def test_plstm2d_orientations_through_the_gather(mode, device, small_tiles):
+    """PLSTM2D on the 2D op reads its four orientations through the kernels' gather indices (no flipped copies):
+    the same outputs and gradients as the torch path's flipped copies."""
+    from mdlrnn.layers import PLSTM2D
+
+    torch.manual_seed(0)
+    layer = PLSTM2D(8, 2, mode=mode, backend="triton").to(device)
+    x = torch.randn(2, 6, 5, 8, device=device, requires_grad=True)
+    y = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    layer.backend = "torch"
+    y_ref = layer(x)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *layer.parameters()])
+    assert relative_error(y, y_ref) < 1e-5
+    assert all(relative_error(g, r) < 1e-5 for g, r in zip(grads, grads_ref))

@@ -9,12 +9,14 @@ forward hands the scalar weights, phi and the entering border states to the back
 
 from __future__ import annotations
 
+import math
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
-from ..ops.grid.chunk import TorchAcross, _from_tiles, gather_tiles
-from ..ops.grid.plan import TilePlan, tile_plan
+from ..ops.grid.chunk import TorchAcross
+from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
 from .tiles import (TritonTiles, _ranks, tile_exits, tile_exits_backward, tile_readout, tile_readout_backward,
                     tile_transfer, tile_transfer_backward)
 
@@ -24,56 +26,113 @@ def _plan(q: torch.Tensor) -> TilePlan:
     return tile_plan(sizes, q.device, TritonTiles.tile(sizes))
 
 
-def _tile_slots(x: torch.Tensor, plan: TilePlan, batch: int, heads: int) -> torch.Tensor:
-    """(B, P, H, F) -> (T * B * H, P_t, F) with zeros in the padding: the adjoint of _from_tiles."""
-    features = x.shape[-1]
-    slots = x.new_zeros(batch, plan.num_tiles * plan.tile_size, heads, features)
-    slots[:, plan.scatter] = x.reshape(batch, -1, heads, features)
-    slots = slots.view(batch, plan.num_tiles, plan.tile_size, heads, features).permute(1, 0, 3, 2, 4)
+@lru_cache(maxsize=64)
+def _oriented(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]):
+    """Per orientation (bit a set: axis a flipped), the plan's gather and scatter in the original frame: the
+    orientation's grid is the original read through the flip, so no flipped copy is ever made."""
+    strides = torch.tensor(row_major_strides(sizes))
+    out = []
+    for mask in orientations:
+        coords = coordinates(sizes)
+        for axis in range(2):
+            if mask >> axis & 1:
+                coords[:, axis] = sizes[axis] - 1 - coords[:, axis]
+        flip = (coords * strides).sum(-1).to(plan.gather.device)  # an involution
+        out.append((flip[plan.gather], plan.scatter[flip]))
+    return tuple(out)
+
+
+def _to_tiles(x: torch.Tensor, plan: TilePlan, gathers, shared: bool) -> torch.Tensor:
+    """(B, P, H, F) shared by the orientations, or (B, P, O, H, F) -> (T * O * B * H, P_t, F)."""
+    parts = [(x if shared else x[:, :, o]).index_select(1, gather) for o, (gather, _) in enumerate(gathers)]
+    batch, _, heads, features = parts[0].shape
+    x = torch.stack(parts).view(len(parts) * batch, plan.num_tiles, plan.tile_size, heads, features)
+    return x.permute(1, 0, 3, 2, 4).reshape(-1, plan.tile_size, features)
+
+
+def _slots(x_t: torch.Tensor, plan: TilePlan, groups: int, heads: int) -> torch.Tensor:
+    """(T * O * B * H, P_t, F) -> (O * B, T * P_t, H, F)."""
+    features = x_t.shape[-1]
+    x = x_t.view(plan.num_tiles, groups, heads, plan.tile_size, features).permute(1, 0, 3, 2, 4)
+    return x.reshape(groups, -1, heads, features)
+
+
+def _from_tiles(y_t: torch.Tensor, plan: TilePlan, gathers, batch: int, heads: int) -> torch.Tensor:
+    """(T * O * B * H, P_t, F) -> (B, P, H, F): each orientation's outputs at their original positions, summed."""
+    y = _slots(y_t, plan, len(gathers) * batch, heads).unflatten(0, (len(gathers), batch))
+    return sum(y[o].index_select(1, scatter) for o, (_, scatter) in enumerate(gathers))
+
+
+def _tile_slots(dy: torch.Tensor, plan: TilePlan, gathers) -> torch.Tensor:
+    """(B, P, H, F) -> (T * O * B * H, P_t, F), zero in the padding: the adjoint of _from_tiles."""
+    batch, _, heads, features = dy.shape
+    slots = dy.new_zeros(len(gathers), batch, plan.num_tiles * plan.tile_size, heads, features)
+    for o, (_, scatter) in enumerate(gathers):
+        slots[o][:, scatter] = dy
+    slots = slots.view(-1, plan.num_tiles, plan.tile_size, heads, features).permute(1, 0, 3, 2, 4)
     return slots.reshape(-1, plan.tile_size, features)
 
 
-def _untile(x_t: torch.Tensor, plan: TilePlan, shape) -> torch.Tensor:
-    """(T * B * H, P_t, F) -> (B, *S, H, F) summed over every copy the gather made: the adjoint of _to_tiles."""
-    batch, heads, features = shape[0], shape[-2], x_t.shape[-1]
-    x = x_t.view(plan.num_tiles, batch, heads, plan.tile_size, features).permute(1, 0, 3, 2, 4)
-    x = x.reshape(batch, -1, heads, features)
-    out = x.new_zeros(batch, plan.scatter.numel(), heads, features).index_add_(1, plan.gather, x)
-    return out.view(*shape[:-1], features)
+def _untile(x_t: torch.Tensor, plan: TilePlan, gathers, batch: int, heads: int, shared: bool) -> torch.Tensor:
+    """The adjoint of _to_tiles: (B, P, H, F) summed over orientations and copies, or (B, P, O, H, F)."""
+    x = _slots(x_t, plan, len(gathers) * batch, heads).unflatten(0, (len(gathers), batch))
+    positions = plan.scatter.numel()
+    outs = [x.new_zeros(batch, positions, heads, x.shape[-1]).index_add_(1, gather, x[o])
+            for o, (gather, _) in enumerate(gathers)]
+    return sum(outs) if shared else torch.stack(outs, 2)
+
+
+def _gather(plan, gathers, q, k, v, source, transition, mark, direct):
+    """q, k, v, S, M, T (N * N flattened), D or None in tiles: one gather of q, k, v and one of the gates per
+    orientation."""
+    batch, *sizes, heads, _ = q.shape
+    flat = lambda x: x.reshape(batch, math.prod(sizes), *x.shape[3:])
+    qkv = [flat(x) for x in (q, k, v)]
+    gates = [flat(source), flat(mark), flat(transition.flatten(-2))]
+    if direct is not None:  # the same direct weight in every orientation's scan
+        gates.append(flat(direct)[:, :, None, :, None].expand(-1, -1, len(gathers), -1, -1))
+    split = lambda parts, shared: _to_tiles(torch.cat(parts, -1), plan, gathers, shared).split(
+        [x.shape[-1] for x in parts], -1)
+    tiles = split(gates, False)
+    return (*split(qkv, True), *tiles[:3], tiles[3] if direct is not None else None)
 
 
 @torch.library.custom_op("mdlrnn::grid_scan_2d", mutates_args=())
 def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
-                 mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float
+                 mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float, orientations: list[int]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """[y (B, X, Y, H, Dv) float32, weights, exits, phi, entering] (entering empty for a one-tile grid).
 
-    q, k, v: one dtype (float32, float16, bfloat16); gates float32, in grid_scan's shapes."""
+    q, k, v (B, X, Y, H, D): one dtype (float32, float16, bfloat16), shared by the orientations; gates float32 with
+    an orientation axis: source, mark (B, X, Y, O, H, 2), transition (B, X, Y, O, H, 2, 2), each in its
+    orientation's frame; direct (B, X, Y, H) or None. orientations: O bit masks (bit a: axis a flipped). y sums
+    the orientations' scans, each at the original positions."""
     with torch.autocast(q.device.type, enabled=False):  # the torch steps in here stay in float32
-        return _forward(q, k, v, source, transition, mark, direct, scale)
+        return _forward(q, k, v, source, transition, mark, direct, scale, tuple(orientations))
 
 
-def _forward(q, k, v, source, transition, mark, direct, scale):
+def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
     batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     plan = _plan(q)
-    q_t, k_t, v_t, s_t, m_t, t_t, d_t = gather_tiles(plan, q, k, v, source, transition, mark, direct)
+    gathers = _oriented(plan, tuple(q.shape[1:3]), orientations)
+    q_t, k_t, v_t, s_t, m_t, t_t, d_t = _gather(plan, gathers, q, k, v, source, transition, mark, direct)
     weights, exits, phi = tile_transfer(s_t, t_t, m_t, d_t, _ranks(plan.tile, q.device), *plan.tile)
     entering = None
     if plan.num_tiles > 1:
-        tiles_by_group, border, size = (plan.num_tiles, batch * heads), plan.num_border, plan.tile_size
+        tiles_by_group, border, size = (plan.num_tiles, len(gathers) * batch * heads), plan.num_border, plan.tile_size
         local = tile_exits(k_t, v_t, exits).view(*tiles_by_group, border, dk * dv)
         entering = TorchAcross.states(local, exits[..., size:].reshape(*tiles_by_group, border, border), plan)
         entering = entering.view(-1, border, dk, dv)
-    y = scale * _from_tiles(tile_readout(q_t, k_t, v_t, weights, entering), plan, batch, heads)
+    y = scale * _from_tiles(tile_readout(q_t, k_t, v_t, weights, entering), plan, gathers, batch, heads)
     return y.view(*q.shape[:-1], dv), weights, exits, phi, entering if entering is not None else y.new_empty(0)
 
 
 @grid_scan_2d.register_fake
-def _(q, k, v, source, transition, mark, direct, scale):
+def _(q, k, v, source, transition, mark, direct, scale, orientations):
     sizes = tuple(q.shape[1:3])
     rows, cols = TritonTiles.tile(sizes)
     tiles = -(-sizes[0] // rows) * -(-sizes[1] // cols)
-    size, border, groups = rows * cols, rows + cols, q.shape[0] * q.shape[-2]
+    size, border, groups = rows * cols, rows + cols, len(orientations) * q.shape[0] * q.shape[-2]
     new = lambda *shape: q.new_empty(*shape, dtype=torch.float32)
     entering = new(tiles * groups, border, q.shape[-1], v.shape[-1]) if tiles > 1 else new(0)
     return (new(*q.shape[:-1], v.shape[-1]), new(tiles * groups, size, size + border),
@@ -84,24 +143,27 @@ def _(q, k, v, source, transition, mark, direct, scale):
 def grid_scan_2d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
                           transition: torch.Tensor, mark: torch.Tensor, direct: Optional[torch.Tensor],
                           weights: torch.Tensor, exits: torch.Tensor, phi: torch.Tensor, entering: torch.Tensor,
-                          dy: torch.Tensor, scale: float) -> list[torch.Tensor]:
+                          dy: torch.Tensor, scale: float, orientations: list[int]) -> list[torch.Tensor]:
     """[dq, dk, dv, d_source, d_transition, d_mark, d_direct] in float32 (d_direct empty without direct)."""
     with torch.autocast(q.device.type, enabled=False):  # backward may run under the caller's autocast
-        return _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale)
+        return _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale,
+                               tuple(orientations))
 
 
-def _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale):
+def _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale,
+                    orientations):
     batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     plan = _plan(q)
+    gathers = _oriented(plan, tuple(q.shape[1:3]), orientations)
     size, border = plan.tile_size, plan.num_border
-    q_t, k_t, v_t, s_t, m_t, t_t, d_t = gather_tiles(plan, q, k, v, source, transition, mark, direct)
+    q_t, k_t, v_t, s_t, m_t, t_t, d_t = _gather(plan, gathers, q, k, v, source, transition, mark, direct)
     has_border = plan.num_tiles > 1
-    dy_t = _tile_slots(scale * dy.float(), plan, batch, heads)
+    dy_t = _tile_slots(scale * dy.float().reshape(batch, -1, heads, dv), plan, gathers)
     dq_t, dk_t, dv_t, d_weights, d_entering = tile_readout_backward(
         q_t, k_t, v_t, weights, entering if has_border else None, dy_t)
     d_exits = torch.zeros_like(exits)
     if has_border:
-        tiles_by_group = (plan.num_tiles, batch * heads)
+        tiles_by_group = (plan.num_tiles, len(gathers) * batch * heads)
         exit_border = exits[..., size:].reshape(*tiles_by_group, border, border)
         d_local = TorchAcross.adjoint(d_entering.view(*tiles_by_group, border, dk * dv), exit_border, plan)
         states = entering.view(-1, border, dk * dv)
@@ -111,31 +173,33 @@ def _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, p
         dk_t, dv_t = dk_t + dk_exits, dv_t + dv_exits
     ds, dt, dm, dd = tile_transfer_backward(t_t, m_t, direct is not None, _ranks(plan.tile, q.device), phi,
                                             d_weights, d_exits, *plan.tile)
-    shape = q.shape
-    grads = [_untile(x, plan, shape) for x in (dq_t, dk_t, dv_t, ds, dt, dm)]
-    grads[4] = grads[4].view(*shape[:-1], 2, 2)
-    return [*grads, _untile(dd, plan, shape)[..., 0] if direct is not None else dy.new_empty(0)]
+    untile = lambda x, shared, shape: _untile(x, plan, gathers, batch, heads, shared).view(shape)
+    grads = [untile(x, True, y.shape) for x, y in ((dq_t, q), (dk_t, k), (dv_t, v))]
+    grads += [untile(x, False, y.shape) for x, y in ((ds, source), (dt, transition), (dm, mark))]
+    if direct is None:
+        return [*grads, dy.new_empty(0)]
+    return [*grads, _untile(dd, plan, gathers, batch, heads, False).sum(2).view(direct.shape)]
 
 
 @grid_scan_2d_backward.register_fake
-def _(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale):
+def _(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale, orientations):
     f32 = lambda x: torch.empty_like(x, dtype=torch.float32)
     return [f32(q), f32(k), f32(v), f32(source), f32(transition), f32(mark),
             f32(direct) if direct is not None else dy.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, source, transition, mark, direct, scale = inputs
+    q, k, v, source, transition, mark, direct, scale, orientations = inputs
     _, weights, exits, phi, entering = output
     ctx.save_for_backward(q, k, v, source, transition, mark, direct, weights, exits, phi, entering)
     ctx.mark_non_differentiable(weights, exits, phi, entering)
-    ctx.scale = scale
+    ctx.scale, ctx.orientations = scale, orientations
 
 
 def _backward(ctx, dy, *_):
     *inputs, weights, exits, phi, entering = ctx.saved_tensors
-    grads = grid_scan_2d_backward(*inputs, weights, exits, phi, entering, dy, ctx.scale)
-    return *grads[:6], grads[6] if inputs[6] is not None else None, None
+    grads = grid_scan_2d_backward(*inputs, weights, exits, phi, entering, dy, ctx.scale, ctx.orientations)
+    return *grads[:6], grads[6] if inputs[6] is not None else None, None, None
 
 
 grid_scan_2d.register_autograd(_backward, setup_context=_setup_context)

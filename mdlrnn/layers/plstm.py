@@ -7,7 +7,7 @@ import itertools
 import torch
 from torch import nn
 
-from ..ops import grid_scan
+from ..ops.grid import grid_scan_orientations
 
 __all__ = ["PLSTM", "PLSTM1D", "PLSTM2D", "PLSTM3D"]
 
@@ -115,28 +115,15 @@ class PLSTM(nn.Module):
             transition[..., rows, cols] = torch.tanh(5 * z[..., 2 * n :])
         return source, transition, mark
 
-    def _orient(self, t: torch.Tensor, flips) -> torch.Tensor:
-        dims = [1 + a for a, flip in enumerate(flips) if flip]
-        return t.flip(dims) if dims else t
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != self.ndim + 2 or x.shape[-1] != self.dim:
             raise ValueError(
                 f"{type(self).__name__}: `x` must have shape (B, *S, dim) with {self.ndim} spatial axes and "
                 f"dim={self.dim}, got {tuple(x.shape)}"
             )
-        batch = x.shape[0]
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
-        gates = self.scan_gates(x)
-        # all orientations in one scan: each is the grid flipped along its axes, stacked on the batch
-        stacked = lambda t: torch.cat([self._orient(t, flips) for flips in self.orientations])
-        per_orientation = lambda g: torch.cat(
-            [self._orient(g.select(1 + self.ndim, o), flips) for o, flips in enumerate(self.orientations)]
-        )
-        y = grid_scan(
-            stacked(q), stacked(k), stacked(v), *(per_orientation(g) for g in gates), None, backend=self.backend
-        )
-        y = sum(self._orient(part, flips) for part, flips in zip(y.split(batch), self.orientations))
+        # all orientations in one scan (on the 2D kernels without flipped copies)
+        y = grid_scan_orientations(q, k, v, *self.scan_gates(x), self.orientations, backend=self.backend)
         direct = torch.sigmoid(self.direct)[:, None] * (q * k).sum(-1, keepdim=True) * v
         y = y + direct * self.head_dim**-0.5
         return self.proj(self.norm(y.to(self.norm.weight.dtype)).flatten(-2))

@@ -11,7 +11,7 @@ from .._checks import check_backend, check_qkv, check_same_device, check_shape, 
 from .chunk import grid_scan_torch
 from .naive import grid_scan_reference
 
-__all__ = ["grid_scan", "grid_scan_reference", "grid_scan_torch"]
+__all__ = ["grid_scan", "grid_scan_orientations", "grid_scan_reference", "grid_scan_torch"]
 
 _BACKENDS = {"reference": grid_scan_reference, "torch": grid_scan_torch}
 
@@ -81,8 +81,10 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     if backend == "triton" and ndim == 2:
         from ...kernels.grid2d import grid_scan_2d
 
+        q, k, v, source, transition, mark, direct = args
+        gates = [g.unsqueeze(-3) for g in (source, mark)] + [transition.unsqueeze(-4)]  # one orientation
         with torch.autocast(q.device.type, enabled=False):
-            return grid_scan_2d(*args, scale)[0].to(v.dtype)
+            return grid_scan_2d(q, k, v, gates[0], gates[2], gates[1], direct, scale, [0])[0].to(v.dtype)
     if backend == "triton":  # 3D: the tile path with the read-out and exits on the tile kernels
         from ...kernels.tiles import TritonTiles
 
@@ -95,3 +97,44 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
             # The tile kernels save only scalar weights and border states, so they skip the recomputation.
             return checkpoint(run, *args, scale, use_reentrant=False).to(v.dtype)
         return run(*args, scale).to(v.dtype)
+
+
+def _flip(t: torch.Tensor, flips) -> torch.Tensor:
+    dims = [1 + a for a, flip in enumerate(flips) if flip]
+    return t.flip(dims) if dims else t
+
+
+def grid_scan_orientations(q, k, v, source, transition, mark, orientations, *, scale=None, backend="auto"):
+    """The sum over orientations of grid_scan from each orientation's corner, at the original positions.
+
+    Args:
+        q, k, v: (B, *S, H, D), shared by the orientations.
+        source, mark: (B, *S, O, H, N); transition: (B, *S, O, H, N, N): orientation o's gates at each position,
+            in the grid_scan convention of its own frame (the grid flipped along the axes that o flips).
+        orientations: O tuples of N bools, whether each axis is flipped.
+
+    On the 2D tile kernels the flips are read through the kernels' gather indices; elsewhere the flipped grids
+    are stacked on the batch for one grid_scan.
+    """
+    batch, *sizes, heads, dk = q.shape
+    ndim, count = len(sizes), len(orientations)
+    check_shape("grid_scan_orientations", "source", source, (batch, *sizes, count, heads, ndim), "(B, *S, O, H, N)")
+    check_shape("grid_scan_orientations", "mark", mark, (batch, *sizes, count, heads, ndim), "(B, *S, O, H, N)")
+    check_shape("grid_scan_orientations", "transition", transition, (batch, *sizes, count, heads, ndim, ndim),
+                "(B, *S, O, H, N, N)")
+    dtype = compute_dtype(q, source, transition, mark)
+    if ndim == 2 and _pick_backend("grid_scan", backend, q, v.shape[-1], ndim, dtype) == "triton":
+        from ...kernels.grid2d import grid_scan_2d
+
+        masks = [sum(int(flip) << axis for axis, flip in enumerate(flips)) for flips in orientations]
+        if not q.dtype == k.dtype == v.dtype:
+            q, k, v = (x.to(dtype) for x in (q, k, v))
+        gates = [g.to(torch.float32) for g in (source, transition, mark)]
+        scale = dk**-0.5 if scale is None else float(scale)
+        with torch.autocast(q.device.type, enabled=False):
+            return grid_scan_2d(q, k, v, *gates, None, scale, masks)[0].to(v.dtype)
+    stacked = lambda t: torch.cat([_flip(t, flips) for flips in orientations])
+    per_orientation = lambda g: torch.cat([_flip(g.select(1 + ndim, o), flips) for o, flips in enumerate(orientations)])
+    y = grid_scan(stacked(q), stacked(k), stacked(v), *(per_orientation(g) for g in (source, transition, mark)), None,
+                  scale=scale, backend=backend)
+    return sum(_flip(part, flips) for part, flips in zip(y.split(batch), orientations))
