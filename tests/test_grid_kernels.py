@@ -193,7 +193,7 @@ def test_tile_kernels_whole_grid_and_wide_heads(generator, device):
 
 
 def test_tile_kernels_custom_op_registration(generator, device):
-    from mdlrnn.kernels import tiles
+    from mdlrnn.kernels import grid2d, tiles  # noqa: F401  (registers the ops)
 
     rows, size, border = 3, 12, 7
     make = lambda *shape: torch.rand(*shape, generator=generator).to(device).requires_grad_()
@@ -212,6 +212,11 @@ def test_tile_kernels_custom_op_registration(generator, device):
         q, k, v, direct = (grid[n].float().to(device).requires_grad_() for n in ("q", "k", "v", "direct"))
         args = (q, k, v, stack(grid["source"]), stack(grid["transition"]), stack(grid["mark"]), direct, 0.5, orientations)
         torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d, args, test_utils=checks)
+    # the backward's fake gives contiguous gradients, as the op does, also for permuted inputs (inductor checks)
+    q_permuted = q.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    y, entering = torch.ops.mdlrnn.grid_scan_2d(*args)
+    backward_args = (q_permuted, *args[1:7], entering, torch.randn_like(y), 0.5, orientations)
+    torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d_backward, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_nan_gate_propagates_like_the_reference(generator, device):
@@ -288,3 +293,13 @@ def test_plstm2d_orientations_through_the_gather(mode, device, small_tiles):
     grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, *layer.parameters()])
     assert relative_error(y, y_ref) < 1e-5
     assert all(relative_error(g, r) < 1e-5 for g, r in zip(grads, grads_ref))
+
+
+def test_grid_scan_orientations_on_empty_inputs(device):
+    from mdlrnn.ops.grid import grid_scan_orientations
+
+    q = torch.zeros(0, 4, 5, 1, 8, device=device)
+    gates = torch.zeros(0, 4, 5, 4, 1, 2, device=device)
+    flips = ((False, False), (True, False), (False, True), (True, True))
+    y = grid_scan_orientations(q, q, q, gates, gates[..., None].expand(*gates.shape, 2), gates, flips, backend="triton")
+    assert y.shape == q.shape

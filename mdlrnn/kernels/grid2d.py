@@ -3,8 +3,9 @@
 The tile path on the tile kernels (mdlrnn.kernels.tiles) with the chain rule written out: gather into tiles,
 transfer, exits, the scan across tiles, read-out, scatter back; and in reverse read-out, across-tiles adjoint,
 exits and transfer adjoints, gathers' adjoints. As single ops the index plans stay inside them, so
-torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break; nothing is recomputed: the
-forward hands the scalar weights, phi and the entering border states to the backward.
+torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The forward hands the entering
+border states to the backward, which recomputes the scalar weights (one transfer launch) rather than keep
+them: they are a few times P_t floats per position, several times the memory of q, k and v.
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def _gather(plan, gathers, q, k, v, source, transition, mark, direct):
 @torch.library.custom_op("mdlrnn::grid_scan_2d", mutates_args=())
 def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
                  mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float, orientations: list[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[y (B, X, Y, H, Dv) float32, weights, exits, phi, entering] (entering empty for a one-tile grid).
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """[y (B, X, Y, H, Dv) float32, entering] (the border states entering each tile, empty for a one-tile grid).
 
     q, k, v (B, X, Y, H, D): one dtype (float32, float16, bfloat16), shared by the orientations; gates float32 with
     an orientation axis: source, mark (B, X, Y, O, H, 2), transition (B, X, Y, O, H, 2, 2), each in its
@@ -116,7 +117,7 @@ def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
     plan = _plan(q)
     gathers = _oriented(plan, tuple(q.shape[1:3]), orientations)
     q_t, k_t, v_t, s_t, m_t, t_t, d_t = _gather(plan, gathers, q, k, v, source, transition, mark, direct)
-    weights, exits, phi = tile_transfer(s_t, t_t, m_t, d_t, _ranks(plan.tile, q.device), *plan.tile)
+    weights, exits, _ = tile_transfer(s_t, t_t, m_t, d_t, _ranks(plan.tile, q.device), *plan.tile)
     entering = None
     if plan.num_tiles > 1:
         tiles_by_group, border, size = (plan.num_tiles, len(gathers) * batch * heads), plan.num_border, plan.tile_size
@@ -124,7 +125,7 @@ def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
         entering = TorchAcross.states(local, exits[..., size:].reshape(*tiles_by_group, border, border), plan)
         entering = entering.view(-1, border, dk, dv)
     y = scale * _from_tiles(tile_readout(q_t, k_t, v_t, weights, entering), plan, gathers, batch, heads)
-    return y.view(*q.shape[:-1], dv), weights, exits, phi, entering if entering is not None else y.new_empty(0)
+    return y.view(*q.shape[:-1], dv), entering if entering is not None else y.new_empty(0)
 
 
 @grid_scan_2d.register_fake
@@ -132,31 +133,29 @@ def _(q, k, v, source, transition, mark, direct, scale, orientations):
     sizes = tuple(q.shape[1:3])
     rows, cols = TritonTiles.tile(sizes)
     tiles = -(-sizes[0] // rows) * -(-sizes[1] // cols)
-    size, border, groups = rows * cols, rows + cols, len(orientations) * q.shape[0] * q.shape[-2]
+    border, groups = rows + cols, len(orientations) * q.shape[0] * q.shape[-2]
     new = lambda *shape: q.new_empty(*shape, dtype=torch.float32)
     entering = new(tiles * groups, border, q.shape[-1], v.shape[-1]) if tiles > 1 else new(0)
-    return (new(*q.shape[:-1], v.shape[-1]), new(tiles * groups, size, size + border),
-            new(tiles * groups, border, size + border), new(tiles * groups, 2 * size, size + border), entering)
+    return new(*q.shape[:-1], v.shape[-1]), entering
 
 
 @torch.library.custom_op("mdlrnn::grid_scan_2d_backward", mutates_args=())
 def grid_scan_2d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
                           transition: torch.Tensor, mark: torch.Tensor, direct: Optional[torch.Tensor],
-                          weights: torch.Tensor, exits: torch.Tensor, phi: torch.Tensor, entering: torch.Tensor,
-                          dy: torch.Tensor, scale: float, orientations: list[int]) -> list[torch.Tensor]:
+                          entering: torch.Tensor, dy: torch.Tensor, scale: float,
+                          orientations: list[int]) -> list[torch.Tensor]:
     """[dq, dk, dv, d_source, d_transition, d_mark, d_direct] in float32 (d_direct empty without direct)."""
     with torch.autocast(q.device.type, enabled=False):  # backward may run under the caller's autocast
-        return _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale,
-                               tuple(orientations))
+        return _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, scale, tuple(orientations))
 
 
-def _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale,
-                    orientations):
+def _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, scale, orientations):
     batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
     plan = _plan(q)
     gathers = _oriented(plan, tuple(q.shape[1:3]), orientations)
     size, border = plan.tile_size, plan.num_border
     q_t, k_t, v_t, s_t, m_t, t_t, d_t = _gather(plan, gathers, q, k, v, source, transition, mark, direct)
+    weights, exits, phi = tile_transfer(s_t, t_t, m_t, d_t, _ranks(plan.tile, q.device), *plan.tile)
     has_border = plan.num_tiles > 1
     dy_t = _tile_slots(scale * dy.float().reshape(batch, -1, heads, dv), plan, gathers)
     dq_t, dk_t, dv_t, d_weights, d_entering = tile_readout_backward(
@@ -182,23 +181,22 @@ def _backward_steps(q, k, v, source, transition, mark, direct, weights, exits, p
 
 
 @grid_scan_2d_backward.register_fake
-def _(q, k, v, source, transition, mark, direct, weights, exits, phi, entering, dy, scale, orientations):
-    f32 = lambda x: torch.empty_like(x, dtype=torch.float32)
+def _(q, k, v, source, transition, mark, direct, entering, dy, scale, orientations):
+    f32 = lambda x: x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the real gradients
     return [f32(q), f32(k), f32(v), f32(source), f32(transition), f32(mark),
             f32(direct) if direct is not None else dy.new_empty(0)]
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, source, transition, mark, direct, scale, orientations = inputs
-    _, weights, exits, phi, entering = output
-    ctx.save_for_backward(q, k, v, source, transition, mark, direct, weights, exits, phi, entering)
-    ctx.mark_non_differentiable(weights, exits, phi, entering)
+    ctx.save_for_backward(q, k, v, source, transition, mark, direct, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.scale, ctx.orientations = scale, orientations
 
 
 def _backward(ctx, dy, *_):
-    *inputs, weights, exits, phi, entering = ctx.saved_tensors
-    grads = grid_scan_2d_backward(*inputs, weights, exits, phi, entering, dy, ctx.scale, ctx.orientations)
+    *inputs, entering = ctx.saved_tensors
+    grads = grid_scan_2d_backward(*inputs, entering, dy, ctx.scale, ctx.orientations)
     return *grads[:6], grads[6] if inputs[6] is not None else None, None, None
 
 

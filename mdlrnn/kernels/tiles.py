@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..ops.grid.chunk import TorchTiles
-from ..ops.grid.plan import wavefront
+from ..ops.grid.plan import tile_shape, wavefront
 from . import empty, on_device
 
 
@@ -529,8 +529,8 @@ def tile_transfer_backward(transition: torch.Tensor, mark: torch.Tensor, has_dir
 
 @tile_transfer_backward.register_fake
 def _(transition, mark, has_direct, ranks, phi, d_weights, d_exits, rows, cols):
-    grads = [torch.empty_like(mark, dtype=torch.float32), torch.empty_like(transition, dtype=torch.float32),
-             torch.empty_like(mark, dtype=torch.float32)]
+    f32 = lambda x: x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the real gradients
+    grads = [f32(mark), f32(transition), f32(mark)]
     return [*grads, mark.new_empty(*mark.shape[:2], 1, dtype=torch.float32) if has_direct else mark.new_empty(0)]
 
 
@@ -567,6 +567,8 @@ class TritonTiles(TorchTiles):
 
     @staticmethod
     def tile(sizes: tuple[int, ...]) -> tuple[int, ...]:
+        if len(sizes) != 2:  # the torch weight solve is dense per tile: keep the torch path's small tiles
+            return tile_shape(sizes)
         if math.prod(sizes) <= WHOLE_GRID:
             return sizes
         return tuple(min(s, TILE_EDGE) for s in sizes)

@@ -30,6 +30,14 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, dv: int, ndim: int, dt
     return "torch" if backend == "auto" else backend
 
 
+def _kernel_inputs(q, k, v, dtype):
+    """q, k, v as the tile kernels take them: bfloat16 or float32 as given; float16 and mixed dtypes go to the
+    compute dtype, since the kernels round path weights to the inputs' dtype and float16 can overflow there."""
+    if q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float32):
+        return q, k, v
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):
     r"""Scan an N-D grid from its origin corner with matrix-valued states on the grid's edges.
 
@@ -76,15 +84,15 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
         with torch.autocast(q.device.type, enabled=False):  # q, k, v keep their dtype; products accumulate in fp32
             return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
-    if backend == "triton" and q.dtype == k.dtype == v.dtype:  # the tile kernels take q, k, v in a half dtype
-        args[:3] = q, k, v
+    if backend == "triton":
+        args[:3] = _kernel_inputs(q, k, v, dtype)
     if backend == "triton" and ndim == 2:
         from ...kernels.grid2d import grid_scan_2d
 
-        q, k, v, source, transition, mark, direct = args
+        q_in, k_in, v_in, source, transition, mark, direct = args
         gates = [g.unsqueeze(-3) for g in (source, mark)] + [transition.unsqueeze(-4)]  # one orientation
         with torch.autocast(q.device.type, enabled=False):
-            return grid_scan_2d(q, k, v, gates[0], gates[2], gates[1], direct, scale, [0])[0].to(v.dtype)
+            return grid_scan_2d(q_in, k_in, v_in, gates[0], gates[2], gates[1], direct, scale, [0])[0].to(v.dtype)
     if backend == "triton":  # 3D: the tile path with the read-out and exits on the tile kernels
         from ...kernels.tiles import TritonTiles
 
@@ -123,16 +131,16 @@ def grid_scan_orientations(q, k, v, source, transition, mark, orientations, *, s
     check_shape("grid_scan_orientations", "transition", transition, (batch, *sizes, count, heads, ndim, ndim),
                 "(B, *S, O, H, N, N)")
     dtype = compute_dtype(q, source, transition, mark)
+    if q.numel() == 0 or v.numel() == 0:
+        return v.new_zeros(v.shape)
     if ndim == 2 and _pick_backend("grid_scan", backend, q, v.shape[-1], ndim, dtype) == "triton":
         from ...kernels.grid2d import grid_scan_2d
 
         masks = [sum(int(flip) << axis for axis, flip in enumerate(flips)) for flips in orientations]
-        if not q.dtype == k.dtype == v.dtype:
-            q, k, v = (x.to(dtype) for x in (q, k, v))
         gates = [g.to(torch.float32) for g in (source, transition, mark)]
         scale = dk**-0.5 if scale is None else float(scale)
         with torch.autocast(q.device.type, enabled=False):
-            return grid_scan_2d(q, k, v, *gates, None, scale, masks)[0].to(v.dtype)
+            return grid_scan_2d(*_kernel_inputs(q, k, v, dtype), *gates, None, scale, masks)[0].to(v.dtype)
     stacked = lambda t: torch.cat([_flip(t, flips) for flips in orientations])
     per_orientation = lambda g: torch.cat([_flip(g.select(1 + ndim, o), flips) for o, flips in enumerate(orientations)])
     y = grid_scan(stacked(q), stacked(k), stacked(v), *(per_orientation(g) for g in (source, transition, mark)), None,
