@@ -102,7 +102,7 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     with torch.autocast(q.device.type, enabled=False):
         if backend == "torch" and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
             # keep only the inputs; the tile states (a few Dk x Dv per position) are recomputed in backward.
-            # The tile kernels save only scalar weights and border states, so they skip the recomputation.
+            # (The tile kernels' path keeps scalar weights and border states instead, in float32.)
             return checkpoint(run, *args, scale, use_reentrant=False).to(v.dtype)
         return run(*args, scale).to(v.dtype)
 
