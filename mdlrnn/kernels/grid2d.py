@@ -164,9 +164,9 @@ def _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, sca
     if has_border:
         tiles_by_group = (plan.num_tiles, len(gathers) * batch * heads)
         exit_border = exits[..., size:].reshape(*tiles_by_group, border, border)
-        d_local = TorchAcross.adjoint(d_entering.view(*tiles_by_group, border, dk * dv), exit_border, plan)
-        states = entering.view(-1, border, dk * dv)
-        d_exits[..., size:] = d_local.flatten(0, 1) @ states.transpose(1, 2)
+        states = entering.view(*tiles_by_group, border, dk * dv)
+        d_local, d_border = TorchAcross.adjoint(d_entering.view_as(states), exit_border, states, plan)
+        d_exits[..., size:] = d_border.flatten(0, 1)
         dk_exits, dv_exits, d_exits_local = tile_exits_backward(k_t, v_t, exits, d_local.view(-1, border, dk, dv))
         d_exits += d_exits_local
         dk_t, dv_t = dk_t + dk_exits, dv_t + dv_exits

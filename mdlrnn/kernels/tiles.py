@@ -145,43 +145,24 @@ def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, s_qr, s_qp, s_kr, s_kp, s
 
 
 @triton.jit
-def _readout_states_kernel(Q, W, DY, DC, s_qr, s_qp, P, E, WIDTH, DK, DV,
-                           BP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Per border edge j: dC_j = sum_p W[p, P + j] q_p dy_p^T."""
-    r = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    dks, dvs = tl.arange(0, BK), tl.arange(0, BV)
-    dk_ok, dv_ok = dks < DK, dvs < DV
-    acc = tl.zeros((BK, BV), dtype=tl.float32)
-    for start in range(0, P, BP):
-        rows = start + tl.arange(0, BP)
-        row_ok = rows < P
-        q = _block_of(Q, r, s_qr, s_qp, rows, row_ok, dks, dk_ok)
-        dy = tl.load(DY + (r * P + rows[:, None]) * DV + dvs[None, :], mask=row_ok[:, None] & dv_ok[None, :],
-                     other=0.0).to(q.dtype)
-        w_j = tl.load(W + (r * P + rows) * WIDTH + P + j, mask=row_ok, other=0.0)
-        acc += tl.dot(tl.trans((q * w_j[:, None]).to(q.dtype)), dy, input_precision=PRECISION)
-    tl.store(DC + ((r * E + j) * DK + dks[:, None]) * DV + dvs[None, :], acc, mask=dk_ok[:, None] & dv_ok[None, :])
-
-
-@triton.jit
-def _exits_kernel(K, V, X, U, s_kr, s_kp, s_vr, s_vp, P, E, WIDTH, DK, DV,
-                  BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """U_e = sum_s X[e, s] k_s v_s^T for one exit edge e and a block of Dv."""
+def _outer_sums_kernel(A, B, WT, OUT, s_ar, s_ap, s_br, s_bp, w_r, w_e, w_s, P, E, DA, DB,
+                       BS: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, PRECISION: tl.constexpr):
+    """OUT[r, e] = sum_s WT[r, e, s] a_s b_s^T (DA x DB, float32) for one e and a block of DB: the states leaving a
+    tile (a = k, b = v, WT = X) and the adjoint of those entering it (a = q, b = dy, WT = W's border columns)."""
     r = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1)
-    dks = tl.arange(0, BK)
-    dvs = tl.program_id(2) * BV + tl.arange(0, BV)
-    dk_ok, dv_ok = dks < DK, dvs < DV
-    acc = tl.zeros((BK, BV), dtype=tl.float32)
+    das = tl.arange(0, BA)
+    dbs = tl.program_id(2) * BB + tl.arange(0, BB)
+    da_ok, db_ok = das < DA, dbs < DB
+    acc = tl.zeros((BA, BB), dtype=tl.float32)
     for start in range(0, P, BS):
         cols = start + tl.arange(0, BS)
         col_ok = cols < P
-        k = _block_of(K, r, s_kr, s_kp, cols, col_ok, dks, dk_ok)
-        v = _block_of(V, r, s_vr, s_vp, cols, col_ok, dvs, dv_ok)
-        x = tl.load(X + (r * E + e) * WIDTH + cols, mask=col_ok, other=0.0)
-        acc += tl.dot(tl.trans((k * x[:, None]).to(k.dtype)), v, input_precision=PRECISION)
-    tl.store(U + ((r * E + e) * DK + dks[:, None]) * DV + dvs[None, :], acc, mask=dk_ok[:, None] & dv_ok[None, :])
+        a = _block_of(A, r, s_ar, s_ap, cols, col_ok, das, da_ok)
+        b = _block_of(B, r, s_br, s_bp, cols, col_ok, dbs, db_ok).to(a.dtype)
+        w = tl.load(WT + r * w_r + e * w_e + cols * w_s, mask=col_ok, other=0.0)
+        acc += tl.dot(tl.trans((a * w[:, None]).to(a.dtype)), b, input_precision=PRECISION)
+    tl.store(OUT + ((r * E + e) * DA + das[:, None]) * DB + dbs[None, :], acc, mask=da_ok[:, None] & db_ok[None, :])
 
 
 @triton.jit
@@ -376,6 +357,7 @@ def tile_readout_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wei
     d_weights = torch.zeros(rows, positions, width, **f32)  # W[p, s] for s after p is never read: zero
     d_entering = empty(rows, border, dk, dv, device=q.device) if entering is not None else dy.new_empty(0)
     blocks, common = triton.cdiv(positions, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q))
+    bv = min(64, _block(dv))
     with on_device(q.device):
         _readout_sources_kernel[(rows, blocks)](
             q, k, v, weights, dy, dk_, dv_, d_weights, *_row_strides(q, k, v), positions, width, dk, dv,
@@ -385,9 +367,10 @@ def tile_readout_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wei
             *_row_strides(q, k, v), positions, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
             HAS_BORDER=entering is not None, **common)
         if entering is not None:
-            _readout_states_kernel[(rows, border)](
-                q, weights, dy, d_entering, q.stride(0), q.stride(1), positions, border, width, dk, dv,
-                BP=BLOCK_P, **common)
+            _outer_sums_kernel[(rows, border, triton.cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
+                q, dy, weights[..., positions:], d_entering, q.stride(0), q.stride(1), dy.stride(0), dy.stride(1),
+                positions * width, 1, width, positions, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
+                PRECISION=_precision(q))
     return [dq, dk_, dv_, d_weights, d_entering]
 
 
@@ -420,9 +403,9 @@ def tile_exits(k: torch.Tensor, v: torch.Tensor, exits: torch.Tensor) -> torch.T
     u = empty(rows, border, dk, dv, device=k.device)
     bv = min(64, _block(dv))
     with on_device(k.device):
-        _exits_kernel[(rows, border, triton.cdiv(dv, bv))](
-            k, v, exits, u, *_row_strides(k, v), positions, border, exits.shape[-1], dk, dv,
-            BS=BLOCK_P, BK=_block(dk), BV=bv, PRECISION=_precision(k))
+        _outer_sums_kernel[(rows, border, triton.cdiv(dv, bv))](  # U_e = sum_s X[e, s] k_s v_s^T
+            k, v, exits, u, *_row_strides(k, v), border * exits.shape[-1], exits.shape[-1], 1, positions, border,
+            dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, PRECISION=_precision(k))
     return u
 
 
@@ -532,27 +515,6 @@ def _(transition, mark, has_direct, ranks, phi, d_weights, d_exits, rows, cols):
     f32 = lambda x: x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the real gradients
     grads = [f32(mark), f32(transition), f32(mark)]
     return [*grads, mark.new_empty(*mark.shape[:2], 1, dtype=torch.float32) if has_direct else mark.new_empty(0)]
-
-
-def _transfer_setup(ctx, inputs, output):
-    source, transition, mark, direct, ranks, rows, cols = inputs
-    ctx.save_for_backward(transition, mark, ranks, output[2])
-    ctx.mark_non_differentiable(output[2])
-    ctx.has_direct, ctx.rows, ctx.cols = direct is not None, rows, cols
-
-
-def _transfer_grad(ctx, d_weights, d_exits, _d_phi):
-    transition, mark, ranks, phi = ctx.saved_tensors
-    if d_weights is None:
-        d_weights = phi.new_zeros(mark.shape[0], mark.shape[1], phi.shape[-1])
-    if d_exits is None:
-        d_exits = phi.new_zeros(mark.shape[0], ctx.rows + ctx.cols, phi.shape[-1])
-    ds, dt, dm, dd = tile_transfer_backward(transition, mark, ctx.has_direct, ranks, phi, d_weights, d_exits,
-                                            ctx.rows, ctx.cols)
-    return ds, dt, dm, dd if ctx.has_direct else None, None, None, None
-
-
-tile_transfer.register_autograd(_transfer_grad, setup_context=_transfer_setup)
 
 
 # Tiles of the Triton path: grids of up to WHOLE_GRID positions are one tile (no state crosses a border:

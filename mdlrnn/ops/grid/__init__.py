@@ -38,6 +38,16 @@ def _kernel_inputs(q, k, v, dtype):
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
+def _on_2d_kernels(q, k, v, source, transition, mark, direct, scale: float, orientations: list[int], dtype):
+    """mdlrnn::grid_scan_2d: gates with an orientation axis, orientations as flip bit masks; y in v's dtype."""
+    from ...kernels.grid2d import grid_scan_2d
+
+    gates = [g.to(torch.float32) for g in (source, transition, mark)]
+    direct = None if direct is None else direct.to(torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        return grid_scan_2d(*_kernel_inputs(q, k, v, dtype), *gates, direct, scale, orientations)[0].to(v.dtype)
+
+
 def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):
     r"""Scan an N-D grid from its origin corner with matrix-valued states on the grid's edges.
 
@@ -83,19 +93,14 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
 
         with torch.autocast(q.device.type, enabled=False):  # q, k, v keep their dtype; products accumulate in fp32
             return grid_scan_triton(q, k, v, source, transition, mark, direct, scale).to(v.dtype)
+    if backend == "triton" and ndim == 2:  # one orientation, unflipped
+        return _on_2d_kernels(q, k, v, source.unsqueeze(-3), transition.unsqueeze(-4), mark.unsqueeze(-3), direct,
+                              scale, [0], dtype)
     args = [x if x is None else x.to(dtype) for x in (q, k, v, source, transition, mark, direct)]
-    if backend == "triton":
-        args[:3] = _kernel_inputs(q, k, v, dtype)
-    if backend == "triton" and ndim == 2:
-        from ...kernels.grid2d import grid_scan_2d
-
-        q_in, k_in, v_in, source, transition, mark, direct = args
-        gates = [g.unsqueeze(-3) for g in (source, mark)] + [transition.unsqueeze(-4)]  # one orientation
-        with torch.autocast(q.device.type, enabled=False):
-            return grid_scan_2d(q_in, k_in, v_in, gates[0], gates[2], gates[1], direct, scale, [0])[0].to(v.dtype)
     if backend == "triton":  # 3D: the tile path with the read-out and exits on the tile kernels
         from ...kernels.tiles import TritonTiles
 
+        args[:3] = _kernel_inputs(q, k, v, dtype)
         run = partial(grid_scan_torch, tiles=TritonTiles)
     else:
         run = _BACKENDS[backend]
@@ -134,13 +139,9 @@ def grid_scan_orientations(q, k, v, source, transition, mark, orientations, *, s
     if q.numel() == 0 or v.numel() == 0:
         return v.new_zeros(v.shape)
     if ndim == 2 and _pick_backend("grid_scan", backend, q, v.shape[-1], ndim, dtype) == "triton":
-        from ...kernels.grid2d import grid_scan_2d
-
         masks = [sum(int(flip) << axis for axis, flip in enumerate(flips)) for flips in orientations]
-        gates = [g.to(torch.float32) for g in (source, transition, mark)]
         scale = dk**-0.5 if scale is None else float(scale)
-        with torch.autocast(q.device.type, enabled=False):
-            return grid_scan_2d(*_kernel_inputs(q, k, v, dtype), *gates, None, scale, masks)[0].to(v.dtype)
+        return _on_2d_kernels(q, k, v, source, transition, mark, None, scale, masks, dtype)
     stacked = lambda t: torch.cat([_flip(t, flips) for flips in orientations])
     per_orientation = lambda g: torch.cat([_flip(g.select(1 + ndim, o), flips) for o, flips in enumerate(orientations)])
     y = grid_scan(stacked(q), stacked(k), stacked(v), *(per_orientation(g) for g in (source, transition, mark)), None,

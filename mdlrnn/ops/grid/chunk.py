@@ -126,8 +126,9 @@ class TorchAcross:
         return entering
 
     @staticmethod
-    def adjoint(d_entering, exit_border, plan):
-        """dLoss/dU (T, G, E, F): dC_enter += A^T dC_exit, scattered back to the exits it was gathered from."""
+    def adjoint(d_entering, exit_border, entering, plan):
+        """dLoss/dU (T, G, E, F) and dLoss/dA (T, G, E, E): dC_enter += A^T dC_exit, scattered back to the exits
+        it was gathered from; dA = dC_exit C_enter^T (dC_exit = dU)."""
         tiles, groups, border, features = d_entering.shape
         all_rows = _entering_rows(plan, groups, border)
         d_exits = d_entering.new_zeros(tiles * groups * border + 1, features)
@@ -138,7 +139,9 @@ class TorchAcross:
             d_out = d_exits[step.start * groups * border : step.stop * groups * border].view(-1, border, features)
             d_in = torch.baddbmm(d_entering[span].flatten(0, 1), exit_border[span].flatten(0, 1).transpose(1, 2), d_out)
             d_exits.index_add_(0, rows, d_in.view(-1, features))
-        return d_exits[:-1].view_as(d_entering)
+        d_local = d_exits[:-1].view_as(d_entering)
+        d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
+        return d_local, d_border.view_as(exit_border)
 
 
 class AcrossTiles(torch.autograd.Function):
@@ -162,9 +165,8 @@ class AcrossTiles(torch.autograd.Function):
     def backward(ctx, d_entering):
         exit_border, entering = ctx.saved_tensors
         with torch.autocast(d_entering.device.type, enabled=False):  # backward under autocast: stay in float32
-            d_local = TorchAcross.adjoint(d_entering, exit_border, ctx.plan)
-            d_border = d_local.flatten(0, 1) @ entering.flatten(0, 1).transpose(1, 2)
-        return d_local, d_border.view_as(exit_border), None
+            d_local, d_border = TorchAcross.adjoint(d_entering, exit_border, entering, ctx.plan)
+        return d_local, d_border, None
 
 
 class TorchTiles:
