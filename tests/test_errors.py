@@ -29,6 +29,24 @@ def test_grid_shapes(grid, name, shape, pattern):
         grid_scan(**grid)
 
 
+@pytest.mark.parametrize(
+    "name, pattern",
+    [
+        ("source", r"grid_scan_orientations: `source` must have shape \(B, \*S, O, H, N\) = \(2, 3, 4, 4, 2, 2\)"),
+        ("transition", r"`transition` must have shape \(B, \*S, O, H, N, N\) = \(2, 3, 4, 4, 2, 2, 2\)"),
+        ("mark", r"`mark` must have shape \(B, \*S, O, H, N\)"),
+    ],
+)
+def test_grid_orientation_gate_shapes(grid, name, pattern):
+    from mdlrnn.ops.grid import grid_scan_orientations
+
+    flips = ((False, False), (True, False), (False, True), (True, True))
+    gates = {g: torch.stack([grid[g]] * 4, 3) for g in ("source", "transition", "mark")}
+    gates[name] = grid[name]  # without the orientation axis
+    with pytest.raises(ValueError, match=pattern):
+        grid_scan_orientations(grid["q"], grid["k"], grid["v"], **gates, orientations=flips)
+
+
 def test_grid_dtypes_devices_backend(grid):
     with pytest.raises(TypeError, match=r"`source` must be a floating-point tensor"):
         grid_scan(**{**grid, "source": grid["source"].long()})
