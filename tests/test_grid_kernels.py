@@ -202,10 +202,6 @@ def test_tile_kernels_custom_op_registration(generator, device):
     checks = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.mdlrnn.tile_readout, (q, k, v, weights, entering), test_utils=checks)
     torch.library.opcheck(torch.ops.mdlrnn.tile_exits, (k, v, exits), test_utils=checks)
-    ranks = tiles._ranks((3, 4), device)
-    gates = (make(rows, size, 2), make(rows, size, 4), make(rows, size, 2), make(rows, size, 1))
-    # no autograd of its own: grid_scan_2d's backward calls its adjoint op
-    torch.library.opcheck(torch.ops.mdlrnn.tile_transfer, (*gates, ranks, 3, 4), test_utils=checks[:2])
     for sizes, orientations in [((3, 5), [0]), ((20, 17), [0, 1, 2, 3])]:  # one tile; several (16 x 16) tiles
         grid = grid_inputs(1, sizes, 1, 4, 3, generator=generator)
         count = len(orientations)  # gates (B, X, Y, O, H, ...)

@@ -1,8 +1,9 @@
 """grid_scan on 2D grids as one pair of torch custom ops, mdlrnn::grid_scan_2d and its backward.
 
-The tile path on the tile kernels (mdlrnn.kernels.tiles) with the chain rule written out: gather into tiles,
-transfer, exits, the scan across tiles, read-out, scatter back; and in reverse read-out, across-tiles adjoint,
-exits and transfer adjoints, gathers' adjoints. As single ops the index plans stay inside them, so
+The tile path on the tile kernels (mdlrnn.kernels.tiles) with the chain rule written out: transfer, exits,
+the scan across tiles, read-out; and in reverse read-out, across-tiles adjoint, exits and transfer adjoints.
+The kernels read q, k, v and the gates where they are, through a table of each tile slot's grid position per
+orientation, and write per-orientation results in place: no gathered or flipped copies. As single ops the index plans stay inside them, so
 torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The forward hands the entering
 border states to the backward, which recomputes the scalar weights (one transfer launch) rather than keep
 them: they are a few times P_t floats per position, several times the memory of q, k and v.
@@ -10,7 +11,6 @@ them: they are a few times P_t floats per position, several times the memory of 
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 from typing import Optional
 
@@ -18,8 +18,8 @@ import torch
 
 from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
-from .tiles import (TritonTiles, _ranks, tile_exits, tile_exits_backward, tile_readout, tile_readout_backward,
-                    tile_transfer, tile_transfer_backward)
+from .tiles import (Rows, TritonTiles, exit_states, exits_backward, readout, readout_backward, transfer,
+                    transfer_backward)
 
 
 def _plan(q: torch.Tensor) -> TilePlan:
@@ -28,74 +28,42 @@ def _plan(q: torch.Tensor) -> TilePlan:
 
 
 @lru_cache(maxsize=64)
-def _oriented(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]):
-    """Per orientation (bit a set: axis a flipped), the plan's gather and scatter in the original frame: the
-    orientation's grid is the original read through the flip, so no flipped copy is ever made."""
+def _slots(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]) -> torch.Tensor:
+    """(O, T, P_t) int32: per orientation (bit a set: axis a flipped), the grid position in the original frame of
+    each tile slot, -1 in padding. The orientation's grid is the original read through the flip: no flipped copy
+    is ever made."""
+    gather = plan.gather.cpu()
+    padding = torch.ones(gather.numel(), dtype=torch.bool)
+    padding[plan.scatter.cpu()] = False
     strides = torch.tensor(row_major_strides(sizes))
-    out = []
+    slots = []
     for mask in orientations:
         coords = coordinates(sizes)
         for axis in range(2):
             if mask >> axis & 1:
                 coords[:, axis] = sizes[axis] - 1 - coords[:, axis]
-        flip = (coords * strides).sum(-1).to(plan.gather.device)  # an involution
-        out.append((flip[plan.gather], plan.scatter[flip]))
-    return tuple(out)
+        slots.append((coords * strides).sum(-1)[gather].masked_fill(padding, -1))
+    return torch.stack(slots).view(len(orientations), plan.num_tiles, plan.tile_size).to(plan.gather.device, torch.int32)
 
 
-def _to_tiles(x: torch.Tensor, plan: TilePlan, gathers, shared: bool) -> torch.Tensor:
-    """(B, P, H, F) shared by the orientations, or (B, P, O, H, F) -> (T * O * B * H, P_t, F)."""
-    parts = [(x if shared else x[:, :, o]).index_select(1, gather) for o, (gather, _) in enumerate(gathers)]
-    batch, _, heads, features = parts[0].shape
-    x = torch.stack(parts).view(len(parts) * batch, plan.num_tiles, plan.tile_size, heads, features)
-    return x.permute(1, 0, 3, 2, 4).reshape(-1, plan.tile_size, features)
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """The kernels read features with unit stride."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _slots(x_t: torch.Tensor, plan: TilePlan, groups: int, heads: int) -> torch.Tensor:
-    """(T * O * B * H, P_t, F) -> (O * B, T * P_t, H, F)."""
-    features = x_t.shape[-1]
-    x = x_t.view(plan.num_tiles, groups, heads, plan.tile_size, features).permute(1, 0, 3, 2, 4)
-    return x.reshape(groups, -1, heads, features)
+def _inputs(q, k, v, source, transition, mark, direct, orientations):
+    """Tile rows; q, k, v (B, N, H, D); gates (B, N, O, H, F) with transition's 2 x 2 flattened; direct (B, N, H, 1)."""
+    batch, x, y, heads, _ = q.shape
+    plan = _plan(q)
+    rows = Rows(_slots(plan, (x, y), orientations), plan.num_tiles, len(orientations), batch, heads, x * y)
+    flat = lambda t: _unit(t.flatten(1, 2))
+    gates = [flat(source), flat(transition.flatten(-2)), flat(mark)]
+    return plan, rows, [flat(t) for t in (q, k, v)], gates, None if direct is None else flat(direct)[..., None]
 
 
-def _from_tiles(y_t: torch.Tensor, plan: TilePlan, gathers, batch: int, heads: int) -> torch.Tensor:
-    """(T * O * B * H, P_t, F) -> (B, P, H, F): each orientation's outputs at their original positions, summed."""
-    y = _slots(y_t, plan, len(gathers) * batch, heads).unflatten(0, (len(gathers), batch))
-    return sum(y[o].index_select(1, scatter) for o, (_, scatter) in enumerate(gathers))
-
-
-def _tile_slots(dy: torch.Tensor, plan: TilePlan, gathers) -> torch.Tensor:
-    """(B, P, H, F) -> (T * O * B * H, P_t, F), zero in the padding: the adjoint of _from_tiles."""
-    batch, _, heads, features = dy.shape
-    slots = dy.new_zeros(len(gathers), batch, plan.num_tiles * plan.tile_size, heads, features)
-    for o, (_, scatter) in enumerate(gathers):
-        slots[o][:, scatter] = dy
-    slots = slots.view(-1, plan.num_tiles, plan.tile_size, heads, features).permute(1, 0, 3, 2, 4)
-    return slots.reshape(-1, plan.tile_size, features)
-
-
-def _untile(x_t: torch.Tensor, plan: TilePlan, gathers, batch: int, heads: int, shared: bool) -> torch.Tensor:
-    """The adjoint of _to_tiles: (B, P, H, F) summed over orientations and copies, or (B, P, O, H, F)."""
-    x = _slots(x_t, plan, len(gathers) * batch, heads).unflatten(0, (len(gathers), batch))
-    positions = plan.scatter.numel()
-    outs = [x.new_zeros(batch, positions, heads, x.shape[-1]).index_add_(1, gather, x[o])
-            for o, (gather, _) in enumerate(gathers)]
-    return sum(outs) if shared else torch.stack(outs, 2)
-
-
-def _gather(plan, gathers, q, k, v, source, transition, mark, direct):
-    """q, k, v, S, M, T (N * N flattened), D or None in tiles: one gather of q, k, v and one of the gates per
-    orientation."""
-    batch, *sizes, heads, _ = q.shape
-    flat = lambda x: x.reshape(batch, math.prod(sizes), *x.shape[3:])
-    qkv = [flat(x) for x in (q, k, v)]
-    gates = [flat(source), flat(mark), flat(transition.flatten(-2))]
-    if direct is not None:  # the same direct weight in every orientation's scan
-        gates.append(flat(direct)[:, :, None, :, None].expand(-1, -1, len(gathers), -1, -1))
-    split = lambda parts, shared: _to_tiles(torch.cat(parts, -1), plan, gathers, shared).split(
-        [x.shape[-1] for x in parts], -1)
-    tiles = split(gates, False)
-    return (*split(qkv, True), *tiles[:3], tiles[3] if direct is not None else None)
+def _orientations_summed(x: torch.Tensor) -> torch.Tensor:
+    """(B, N, O, H, F) -> (B, N, H, F)."""
+    return x.sum(2) if x.shape[2] > 1 else x.squeeze(2)
 
 
 @torch.library.custom_op("mdlrnn::grid_scan_2d", mutates_args=())
@@ -113,18 +81,16 @@ def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
 
 
 def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
-    batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    plan = _plan(q)
-    gathers = _oriented(plan, tuple(q.shape[1:3]), orientations)
-    q_t, k_t, v_t, s_t, m_t, t_t, d_t = _gather(plan, gathers, q, k, v, source, transition, mark, direct)
-    weights, exits, _ = tile_transfer(s_t, t_t, m_t, d_t, _ranks(plan.tile, q.device), *plan.tile)
+    dk, dv = q.shape[-1], v.shape[-1]
+    plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
+    weights, exits, _ = transfer(*gates, direct3, rows, plan.tile)
     entering = None
     if plan.num_tiles > 1:
-        tiles_by_group, border, size = (plan.num_tiles, len(gathers) * batch * heads), plan.num_border, plan.tile_size
-        local = tile_exits(k_t, v_t, exits).view(*tiles_by_group, border, dk * dv)
+        tiles_by_group, border, size = (plan.num_tiles, rows.count // plan.num_tiles), plan.num_border, plan.tile_size
+        local = exit_states(k3, v3, exits, rows).view(*tiles_by_group, border, dk * dv)
         entering = TorchAcross.states(local, exits[..., size:].reshape(*tiles_by_group, border, border), plan)
         entering = entering.view(-1, border, dk, dv)
-    y = scale * _from_tiles(tile_readout(q_t, k_t, v_t, weights, entering), plan, gathers, batch, heads)
+    y = _orientations_summed(readout(q3, k3, v3, weights, entering, rows, scale))
     return y.view(*q.shape[:-1], dv), entering if entering is not None else y.new_empty(0)
 
 
@@ -150,34 +116,26 @@ def grid_scan_2d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sou
 
 
 def _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, scale, orientations):
-    batch, heads, dk, dv = q.shape[0], q.shape[-2], q.shape[-1], v.shape[-1]
-    plan = _plan(q)
-    gathers = _oriented(plan, tuple(q.shape[1:3]), orientations)
+    dk, dv = q.shape[-1], v.shape[-1]
+    plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
     size, border = plan.tile_size, plan.num_border
-    q_t, k_t, v_t, s_t, m_t, t_t, d_t = _gather(plan, gathers, q, k, v, source, transition, mark, direct)
-    weights, exits, phi = tile_transfer(s_t, t_t, m_t, d_t, _ranks(plan.tile, q.device), *plan.tile)
+    weights, exits, phi = transfer(*gates, direct3, rows, plan.tile)
     has_border = plan.num_tiles > 1
-    dy_t = _tile_slots(scale * dy.float().reshape(batch, -1, heads, dv), plan, gathers)
-    dq_t, dk_t, dv_t, d_weights, d_entering = tile_readout_backward(
-        q_t, k_t, v_t, weights, entering if has_border else None, dy_t)
+    dy3 = (scale * dy.float()).reshape(rows.batch, rows.positions, rows.heads, dv).contiguous()
+    dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, entering if has_border else None,
+                                                           dy3, rows)
     d_exits = torch.zeros_like(exits)
     if has_border:
-        tiles_by_group = (plan.num_tiles, len(gathers) * batch * heads)
+        tiles_by_group = (plan.num_tiles, rows.count // plan.num_tiles)
         exit_border = exits[..., size:].reshape(*tiles_by_group, border, border)
         states = entering.view(*tiles_by_group, border, dk * dv)
         d_local, d_border = TorchAcross.adjoint(d_entering.view_as(states), exit_border, states, plan)
         d_exits[..., size:] = d_border.flatten(0, 1)
-        dk_exits, dv_exits, d_exits_local = tile_exits_backward(k_t, v_t, exits, d_local.view(-1, border, dk, dv))
-        d_exits += d_exits_local
-        dk_t, dv_t = dk_t + dk_exits, dv_t + dv_exits
-    ds, dt, dm, dd = tile_transfer_backward(t_t, m_t, direct is not None, _ranks(plan.tile, q.device), phi,
-                                            d_weights, d_exits, *plan.tile)
-    untile = lambda x, shared, shape: _untile(x, plan, gathers, batch, heads, shared).view(shape)
-    grads = [untile(x, True, y.shape) for x, y in ((dq_t, q), (dk_t, k), (dv_t, v))]
-    grads += [untile(x, False, y.shape) for x, y in ((ds, source), (dt, transition), (dm, mark))]
-    if direct is None:
-        return [*grads, dy.new_empty(0)]
-    return [*grads, _untile(dd, plan, gathers, batch, heads, False).sum(2).view(direct.shape)]
+        exits_backward(k3, v3, exits, d_local.view(-1, border, dk, dv), rows, dk_, dv_, d_exits, accumulate=True)
+    ds, dt, dm, dd = transfer_backward(*gates[1:], direct is not None, rows, plan.tile, phi, d_weights, d_exits)
+    grads = [_orientations_summed(g).view(x.shape) for g, x in ((dq, q), (dk_, k), (dv_, v))]
+    grads += [g.view(x.shape) for g, x in ((ds, source), (dt, transition), (dm, mark))]
+    return [*grads, dy.new_empty(0) if direct is None else _orientations_summed(dd).view(direct.shape)]
 
 
 @grid_scan_2d_backward.register_fake

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -31,19 +31,42 @@ from . import empty, on_device
 
 
 @triton.jit
-def _block_of(X, r, s_r, s_p, idx, idx_ok, feats, feats_ok):
-    """X[r, idx, feats] for a (R, P, F) tensor with row strides s_r, s_p and unit last stride (zero where masked)."""
-    return tl.load(X + r * s_r + idx[:, None] * s_p + feats[None, :], mask=idx_ok[:, None] & feats_ok[None, :], other=0.0)
+def _row(r, NO, NB, NH):
+    """Tile row r = ((t * O + o) * B + b) * H + h: its tile t, orientation o, batch b and head h."""
+    h = r % NH
+    b = (r // NH) % NB
+    o = (r // (NH * NB)) % NO
+    return r // (NH * NB * NO), o, b, h
 
 
 @triton.jit
-def _source_block(K, V, w_rows, r, s_kr, s_kp, s_vr, s_vp, start, P, row_ok, dks, dk_ok, dvs, dv_ok,
+def _slots(SLOT, t, o, NT, P, idx, idx_ok):
+    """Grid positions of tile slots idx of tile t in orientation o (0 in padding) and which slots hold one."""
+    pos = tl.load(SLOT + (o * NT + t) * P + idx, mask=idx_ok, other=-1)
+    return tl.maximum(pos, 0).to(tl.int64), pos >= 0
+
+
+@triton.jit
+def _dense(o, b, h, pos, N, NO, NH, F):
+    """Offsets of positions pos in a contiguous (B, N, O, H, F) tensor."""
+    return (((b * N + pos) * NO + o) * NH + h) * F
+
+
+@triton.jit
+def _block_of(X, base, pos, s_pos, ok, feats, feats_ok):
+    """X[base + pos * s_pos + feats] for a block of positions (zero where masked; unit feature stride)."""
+    return tl.load(X + base + pos[:, None] * s_pos + feats[None, :], mask=ok[:, None] & feats_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _source_block(K, V, SLOT, w_rows, t, o, k_base, k_p, v_base, v_p, start, NT, P, row_ok, dks, dk_ok, dvs, dv_ok,
                   BS: tl.constexpr):
-    """k, v of sources start:start + BS and the read-out weights W[rows, sources]."""
+    """k, v of source slots start:start + BS and the read-out weights W[rows, sources]."""
     cols = start + tl.arange(0, BS)
     col_ok = cols < P
-    k = _block_of(K, r, s_kr, s_kp, cols, col_ok, dks, dk_ok)
-    v = _block_of(V, r, s_vr, s_vp, cols, col_ok, dvs, dv_ok)
+    pos, real = _slots(SLOT, t, o, NT, P, cols, col_ok)
+    k = _block_of(K, k_base, pos, k_p, real, dks, dk_ok)
+    v = _block_of(V, v_base, pos, v_p, real, dvs, dv_ok)
     return k, v, tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
 
 
@@ -55,31 +78,38 @@ def _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
 
 
 @triton.jit
-def _own_sources(K, V, s_kr, s_kp, s_vr, s_vp, P, DK, DV, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """The tile row, block of sources and whole head dimensions of a program that owns sources: indices, masks, k, v."""
+def _own_sources(K, V, SLOT, k_b, k_h, k_p, v_b, v_h, v_p, NT, NO, NB, NH, P, DK, DV,
+                 BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """A program that owns a block of source slots: its tile row, the row's place, the slots' positions and masks,
+    whole head dimensions, k and v."""
     r = tl.program_id(0).to(tl.int64)
+    t, o, b, h = _row(r, NO, NB, NH)
     cols = tl.program_id(1) * BS + tl.arange(0, BS)
+    pos, real = _slots(SLOT, t, o, NT, P, cols, cols < P)
     dks, dvs = tl.arange(0, BK), tl.arange(0, BV)
-    col_ok, dk_ok, dv_ok = cols < P, dks < DK, dvs < DV
-    k = _block_of(K, r, s_kr, s_kp, cols, col_ok, dks, dk_ok)
-    v = _block_of(V, r, s_vr, s_vp, cols, col_ok, dvs, dv_ok)
-    return r, cols, col_ok, dks, dk_ok, dvs, dv_ok, k, v
+    dk_ok, dv_ok = dks < DK, dvs < DV
+    k = _block_of(K, b * k_b + h * k_h, pos, k_p, real, dks, dk_ok)
+    v = _block_of(V, b * v_b + h * v_h, pos, v_p, real, dvs, dv_ok)
+    return r, t, o, b, h, cols, pos, real, dks, dk_ok, dvs, dv_ok, k, v
 
 
 @triton.jit
-def _readout_kernel(Q, K, V, W, C, Y, s_qr, s_qp, s_kr, s_kp, s_vr, s_vp, P, E, WIDTH, DK, DV,
-                    BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    HAS_BORDER: tl.constexpr, PRECISION: tl.constexpr):
+def _readout_kernel(Q, K, V, W, C, Y, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p, scale,
+                    NT, NO, NB, NH, N, P, E, WIDTH, DK, DV, BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
+                    BV: tl.constexpr, HAS_BORDER: tl.constexpr, PRECISION: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
+    t, o, b, h = _row(r, NO, NB, NH)
     rows = tl.program_id(1) * BP + tl.arange(0, BP)
     dvs = tl.program_id(2) * BV + tl.arange(0, BV)
     dks = tl.arange(0, BK)
     row_ok, dk_ok, dv_ok = rows < P, dks < DK, dvs < DV
-    q = _block_of(Q, r, s_qr, s_qp, rows, row_ok, dks, dk_ok)
+    pos, real = _slots(SLOT, t, o, NT, P, rows, row_ok)
+    q = _block_of(Q, b * q_b + h * q_h, pos, q_p, real, dks, dk_ok)
     acc = tl.zeros((BP, BV), dtype=tl.float32)
     w_rows = W + r * P * WIDTH + rows[:, None] * WIDTH
     for start in range(0, tl.minimum((tl.program_id(1) + 1) * BP, P), BS):  # sources up to the last query
-        k, v, w = _source_block(K, V, w_rows, r, s_kr, s_kp, s_vr, s_vp, start, P, row_ok, dks, dk_ok, dvs, dv_ok, BS)
+        k, v, w = _source_block(K, V, SLOT, w_rows, t, o, b * k_b + h * k_h, k_p, b * v_b + h * v_h, v_p, start, NT, P,
+                                row_ok, dks, dk_ok, dvs, dv_ok, BS)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * w
         acc += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
     if HAS_BORDER:
@@ -87,51 +117,58 @@ def _readout_kernel(Q, K, V, W, C, Y, s_qr, s_qp, s_kr, s_kp, s_vr, s_vp, P, E, 
         for j in range(E):
             c, w_j = _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
             acc += w_j * tl.dot(q32, c, input_precision=PRECISION)
-    tl.store(Y + (r * P + rows[:, None]) * DV + dvs[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
+    tl.store(Y + _dense(o, b, h, pos, N, NO, NH, DV)[:, None] + dvs[None, :], scale * acc,
+             mask=real[:, None] & dv_ok[None, :])
 
 
 @triton.jit
-def _readout_sources_kernel(Q, K, V, W, DY, DK_, DV_, DW, s_qr, s_qp, s_kr, s_kp, s_vr, s_vp, P, WIDTH, DK, DV,
-                            BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            PRECISION: tl.constexpr):
+def _readout_sources_kernel(Q, K, V, W, DY, DK_, DV_, DW, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p,
+                            NT, NO, NB, NH, N, P, WIDTH, DK, DV, BP: tl.constexpr, BS: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
     """Per block of sources s: dk_s, dv_s and dW[:, s] (local columns), over the queries p >= s."""
-    r, cols, col_ok, dks, dk_ok, dvs, dv_ok, k, v = _own_sources(K, V, s_kr, s_kp, s_vr, s_vp, P, DK, DV, BS, BK, BV)
+    r, t, o, b, h, cols, pos_s, real_s, dks, dk_ok, dvs, dv_ok, k, v = _own_sources(
+        K, V, SLOT, k_b, k_h, k_p, v_b, v_h, v_p, NT, NO, NB, NH, P, DK, DV, BS, BK, BV)
     dk_acc = tl.zeros((BS, BK), dtype=tl.float32)
     dv_acc = tl.zeros((BS, BV), dtype=tl.float32)
     for start in range(tl.program_id(1) * BS // BP * BP, P, BP):
         rows = start + tl.arange(0, BP)
         row_ok = rows < P
-        q = _block_of(Q, r, s_qr, s_qp, rows, row_ok, dks, dk_ok)
-        dy = tl.load(DY + (r * P + rows[:, None]) * DV + dvs[None, :], mask=row_ok[:, None] & dv_ok[None, :],
-                     other=0.0).to(q.dtype)
+        pos, real = _slots(SLOT, t, o, NT, P, rows, row_ok)
+        q = _block_of(Q, b * q_b + h * q_h, pos, q_p, real, dks, dk_ok)
+        dy = _block_of(DY, 0, _dense(0, b, h, pos, N, 1, NH, DV), 1, real, dvs, dv_ok).to(q.dtype)
         w_ptrs = W + (r * P + rows[:, None]) * WIDTH + cols[None, :]
-        w_mask = row_ok[:, None] & col_ok[None, :]
+        w_mask = row_ok[:, None] & (cols < P)[None, :]
         w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (q_p . k_s)
         d_scores = tl.dot(dy, tl.trans(v), input_precision=PRECISION)  # (dy_p . v_s)
         tl.store(DW + (r * P + rows[:, None]) * WIDTH + cols[None, :], d_scores * scores, mask=w_mask)
         dv_acc += tl.dot(tl.trans((scores * w).to(q.dtype)), dy, input_precision=PRECISION)
         dk_acc += tl.dot(tl.trans((d_scores * w).to(q.dtype)), q, input_precision=PRECISION)
-    tl.store(DK_ + (r * P + cols[:, None]) * DK + dks[None, :], dk_acc, mask=col_ok[:, None] & dk_ok[None, :])
-    tl.store(DV_ + (r * P + cols[:, None]) * DV + dvs[None, :], dv_acc, mask=col_ok[:, None] & dv_ok[None, :])
+    tl.store(DK_ + _dense(o, b, h, pos_s, N, NO, NH, DK)[:, None] + dks[None, :], dk_acc,
+             mask=real_s[:, None] & dk_ok[None, :])
+    tl.store(DV_ + _dense(o, b, h, pos_s, N, NO, NH, DV)[:, None] + dvs[None, :], dv_acc,
+             mask=real_s[:, None] & dv_ok[None, :])
 
 
 @triton.jit
-def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, s_qr, s_qp, s_kr, s_kp, s_vr, s_vp, P, E, WIDTH, DK, DV,
-                            BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                            HAS_BORDER: tl.constexpr, PRECISION: tl.constexpr):
+def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p,
+                            NT, NO, NB, NH, N, P, E, WIDTH, DK, DV, BP: tl.constexpr, BS: tl.constexpr,
+                            BK: tl.constexpr, BV: tl.constexpr, HAS_BORDER: tl.constexpr, PRECISION: tl.constexpr):
     """Per block of queries p: dq_p, and dW[p, P + j] for the border columns."""
     r = tl.program_id(0).to(tl.int64)
+    t, o, b, h = _row(r, NO, NB, NH)
     rows = tl.program_id(1) * BP + tl.arange(0, BP)
     dks, dvs = tl.arange(0, BK), tl.arange(0, BV)
     row_ok, dk_ok, dv_ok = rows < P, dks < DK, dvs < DV
-    q = _block_of(Q, r, s_qr, s_qp, rows, row_ok, dks, dk_ok)
-    dy32 = tl.load(DY + (r * P + rows[:, None]) * DV + dvs[None, :], mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+    pos, real = _slots(SLOT, t, o, NT, P, rows, row_ok)
+    q = _block_of(Q, b * q_b + h * q_h, pos, q_p, real, dks, dk_ok)
+    dy32 = _block_of(DY, 0, _dense(0, b, h, pos, N, 1, NH, DV), 1, real, dvs, dv_ok)  # zero in padding
     dy = dy32.to(q.dtype)
     dq = tl.zeros((BP, BK), dtype=tl.float32)
     w_rows = W + (r * P + rows[:, None]) * WIDTH
     for start in range(0, tl.minimum((tl.program_id(1) + 1) * BP, P), BS):
-        k, v, w = _source_block(K, V, w_rows, r, s_kr, s_kp, s_vr, s_vp, start, P, row_ok, dks, dk_ok, dvs, dv_ok, BS)
+        k, v, w = _source_block(K, V, SLOT, w_rows, t, o, b * k_b + h * k_h, k_p, b * v_b + h * v_h, v_p, start, NT, P,
+                                row_ok, dks, dk_ok, dvs, dv_ok, BS)
         d_scores = tl.dot(dy, tl.trans(v), input_precision=PRECISION) * w
         dq += tl.dot(d_scores.to(q.dtype), k, input_precision=PRECISION)
     if HAS_BORDER:
@@ -141,15 +178,16 @@ def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, s_qr, s_qp, s_kr, s_kp, s
             read = tl.dot(q32, c, input_precision=PRECISION)  # q_p^T C_j
             tl.store(DW + (r * P + rows) * WIDTH + P + j, tl.sum(read * dy32, 1), mask=row_ok)
             dq += w_j * tl.dot(dy32, tl.trans(c), input_precision=PRECISION)
-    tl.store(DQ + (r * P + rows[:, None]) * DK + dks[None, :], dq, mask=row_ok[:, None] & dk_ok[None, :])
+    tl.store(DQ + _dense(o, b, h, pos, N, NO, NH, DK)[:, None] + dks[None, :], dq, mask=real[:, None] & dk_ok[None, :])
 
 
 @triton.jit
-def _outer_sums_kernel(A, B, WT, OUT, s_ar, s_ap, s_br, s_bp, w_r, w_e, w_s, P, E, DA, DB,
+def _outer_sums_kernel(A, B, WT, OUT, SLOT, a_b, a_h, a_p, b_b, b_h, b_p, w_r, w_e, w_s, NT, NO, NB, NH, P, E, DA, DB,
                        BS: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, PRECISION: tl.constexpr):
     """OUT[r, e] = sum_s WT[r, e, s] a_s b_s^T (DA x DB, float32) for one e and a block of DB: the states leaving a
     tile (a = k, b = v, WT = X) and the adjoint of those entering it (a = q, b = dy, WT = W's border columns)."""
     r = tl.program_id(0).to(tl.int64)
+    t, o, bt, h = _row(r, NO, NB, NH)
     e = tl.program_id(1)
     das = tl.arange(0, BA)
     dbs = tl.program_id(2) * BB + tl.arange(0, BB)
@@ -158,18 +196,22 @@ def _outer_sums_kernel(A, B, WT, OUT, s_ar, s_ap, s_br, s_bp, w_r, w_e, w_s, P, 
     for start in range(0, P, BS):
         cols = start + tl.arange(0, BS)
         col_ok = cols < P
-        a = _block_of(A, r, s_ar, s_ap, cols, col_ok, das, da_ok)
-        b = _block_of(B, r, s_br, s_bp, cols, col_ok, dbs, db_ok).to(a.dtype)
+        pos, real = _slots(SLOT, t, o, NT, P, cols, col_ok)
+        a = _block_of(A, bt * a_b + h * a_h, pos, a_p, real, das, da_ok)
+        b = _block_of(B, bt * b_b + h * b_h, pos, b_p, real, dbs, db_ok).to(a.dtype)
         w = tl.load(WT + r * w_r + e * w_e + cols * w_s, mask=col_ok, other=0.0)
         acc += tl.dot(tl.trans((a * w[:, None]).to(a.dtype)), b, input_precision=PRECISION)
     tl.store(OUT + ((r * E + e) * DA + das[:, None]) * DB + dbs[None, :], acc, mask=da_ok[:, None] & db_ok[None, :])
 
 
 @triton.jit
-def _exits_backward_kernel(K, V, X, DU, DK_, DV_, DX, s_kr, s_kp, s_vr, s_vp, P, E, WIDTH, DK, DV,
-                           BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-    """Per block of sources s: dk_s, dv_s and dX[:, s], over every exit edge."""
-    r, cols, col_ok, dks, dk_ok, dvs, dv_ok, k, v = _own_sources(K, V, s_kr, s_kp, s_vr, s_vp, P, DK, DV, BS, BK, BV)
+def _exits_backward_kernel(K, V, X, DU, DK_, DV_, DX, SLOT, k_b, k_h, k_p, v_b, v_h, v_p, NT, NO, NB, NH, N, P, E,
+                           WIDTH, DK, DV, BS: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr):
+    """Per block of sources s: dk_s, dv_s (added to DK_, DV_ if ACCUMULATE) and dX[:, s], over every exit edge."""
+    r, t, o, b, h, cols, pos, real, dks, dk_ok, dvs, dv_ok, k, v = _own_sources(
+        K, V, SLOT, k_b, k_h, k_p, v_b, v_h, v_p, NT, NO, NB, NH, P, DK, DV, BS, BK, BV)
+    col_ok = cols < P
     dk_acc = tl.zeros((BS, BK), dtype=tl.float32)
     dv_acc = tl.zeros((BS, BV), dtype=tl.float32)
     du_ptrs = DU + r * E * DK * DV + dks[:, None] * DV + dvs[None, :]
@@ -181,8 +223,14 @@ def _exits_backward_kernel(K, V, X, DU, DK_, DV_, DX, s_kr, s_kp, s_vr, s_vp, P,
         tl.store(DX + (r * E + e) * WIDTH + cols, tl.sum(k_du * v, 1), mask=col_ok)
         dv_acc += x[:, None] * k_du
         dk_acc += x[:, None] * tl.dot(v, tl.trans(du), input_precision=PRECISION)
-    tl.store(DK_ + (r * P + cols[:, None]) * DK + dks[None, :], dk_acc, mask=col_ok[:, None] & dk_ok[None, :])
-    tl.store(DV_ + (r * P + cols[:, None]) * DV + dvs[None, :], dv_acc, mask=col_ok[:, None] & dv_ok[None, :])
+    dk_ptrs = DK_ + _dense(o, b, h, pos, N, NO, NH, DK)[:, None] + dks[None, :]
+    dv_ptrs = DV_ + _dense(o, b, h, pos, N, NO, NH, DV)[:, None] + dvs[None, :]
+    dk_mask, dv_mask = real[:, None] & dk_ok[None, :], real[:, None] & dv_ok[None, :]
+    if ACCUMULATE:  # each real slot is one program's: read-modify-write without atomics
+        dk_acc += tl.load(dk_ptrs, mask=dk_mask, other=0.0)
+        dv_acc += tl.load(dv_ptrs, mask=dv_mask, other=0.0)
+    tl.store(dk_ptrs, dk_acc, mask=dk_mask)
+    tl.store(dv_ptrs, dv_acc, mask=dv_mask)
 
 
 @triton.jit
@@ -212,29 +260,37 @@ def _diagonal(RANK, d, C0, C1, BI: tl.constexpr):
 
 
 @triton.jit
-def _transfer_kernel(S, T, M, D, RANK, PHI, W, X, s_r, s_p, t_r, t_p, m_r, m_p, d_r, d_p, C0, C1, P, WIDTH,
+def _gate_pair(G, base, pos, s_pos, ok):
+    return tl.load(G + base + pos * s_pos, mask=ok, other=0.0), tl.load(G + base + pos * s_pos + 1, mask=ok, other=0.0)
+
+
+@triton.jit
+def _transfer_kernel(S, T, M, D, RANK, SLOT, PHI, W, X, s_o, s_b, s_h, s_p, t_o, t_b, t_h, t_p, m_o, m_b, m_h, m_p,
+                     d_b, d_h, d_p, NT, NO, NB, NH, C0, C1, P, WIDTH,
                      BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr):
     """One tile row r of a 2D tile, anti-diagonal after anti-diagonal: phi (every edge's row over the P local
     sources and E border columns), W (each position's read-out row, the direct weight on its own column) and X
-    (the exit edges' rows, the axis-0 face by column, then the axis-1 face by row)."""
+    (the exit edges' rows, the axis-0 face by column, then the axis-1 face by row). Gates are read at the grid
+    positions of the tile's slots (zero in padding). Columns are independent: each program takes a block of BC."""
     r = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BC)
+    tile, o, b, h = _row(r, NO, NB, NH)
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
     col_ok = cols < WIDTH
     E = C0 + C1
     for d in range(C0 + C1 - 1):
         i, j, ok, rank = _diagonal(RANK, d, C0, C1, BI)
+        pos, real = _slots(SLOT, tile, o, NT, P, rank, ok)
         in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH)
         own = (cols[None, :] == rank[:, None]).to(tl.float32)
-        s0, s1 = tl.load(S + r * s_r + rank * s_p, mask=ok), tl.load(S + r * s_r + rank * s_p + 1, mask=ok)
-        t = T + r * t_r + rank * t_p
-        t00, t01 = tl.load(t, mask=ok), tl.load(t + 1, mask=ok)
-        t10, t11 = tl.load(t + 2, mask=ok), tl.load(t + 3, mask=ok)
-        m0, m1 = tl.load(M + r * m_r + rank * m_p, mask=ok), tl.load(M + r * m_r + rank * m_p + 1, mask=ok)
+        s0, s1 = _gate_pair(S, o * s_o + b * s_b + h * s_h, pos, s_p, real)
+        t00, t01 = _gate_pair(T, o * t_o + b * t_b + h * t_h, pos, t_p, real)
+        t10, t11 = _gate_pair(T, o * t_o + b * t_b + h * t_h + 2, pos, t_p, real)
+        m0, m1 = _gate_pair(M, o * m_o + b * m_b + h * m_h, pos, m_p, real)
         phi0 = s0[:, None] * own + t00[:, None] * in0 + t01[:, None] * in1
         phi1 = s1[:, None] * own + t10[:, None] * in0 + t11[:, None] * in1
         w = m0[:, None] * in0 + m1[:, None] * in1
         if HAS_DIRECT:
-            w += tl.load(D + r * d_r + rank * d_p, mask=ok)[:, None] * own
+            w += tl.load(D + b * d_b + h * d_h + pos * d_p, mask=real, other=0.0)[:, None] * own
         mask = ok[:, None] & col_ok[None, :]
         row = (r * P + i * C1 + j) * 2
         tl.store(PHI + row[:, None] * WIDTH + cols[None, :], phi0, mask=mask)
@@ -246,26 +302,33 @@ def _transfer_kernel(S, T, M, D, RANK, PHI, W, X, s_r, s_p, t_r, t_p, m_r, m_p, 
 
 
 @triton.jit
-def _successor(T, M, DW, LAM, r, rank_q, ok_q, row_q, cols, col_ok, t_r, t_p, m_r, m_p, WIDTH, AXIS: tl.constexpr):
+def _successor(T, M, DW, LAM, t_base, t_p, m_base, m_p, pos_q, real_q, ok_q, rank_q, row_q, cols, col_ok, WIDTH,
+               AXIS: tl.constexpr):
     """The adjoint an edge leaving along AXIS gets from the position q it enters: M[q, AXIS] dW[q] +
     sum_a T[q, a, AXIS] lambda[(q, a)]."""
     mask = ok_q[:, None] & col_ok[None, :]
-    t = T + r * t_r + rank_q * t_p + AXIS
-    m = tl.load(M + r * m_r + rank_q * m_p + AXIS, mask=ok_q, other=0.0)
+    t = T + t_base + pos_q * t_p + AXIS
+    m = tl.load(M + m_base + pos_q * m_p + AXIS, mask=real_q, other=0.0)
     dw = tl.load(DW + rank_q[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)  # DW: this row's
     lam0 = tl.load(LAM + row_q[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
     lam1 = tl.load(LAM + (row_q + 1)[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
-    return (m[:, None] * dw + tl.load(t, mask=ok_q, other=0.0)[:, None] * lam0
-            + tl.load(t + 2, mask=ok_q, other=0.0)[:, None] * lam1)
+    return (m[:, None] * dw + tl.load(t, mask=real_q, other=0.0)[:, None] * lam0
+            + tl.load(t + 2, mask=real_q, other=0.0)[:, None] * lam1)
 
 
 @triton.jit
-def _transfer_backward_kernel(T, M, RANK, PHI, DW, DX, LAM, DS, DT, DM, DD, t_r, t_p, m_r, m_p, C0, C1, P, WIDTH,
+def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, LAM, DS, DT, DM, DD, t_o, t_b, t_h, t_p,
+                              m_o, m_b, m_h, m_p, NT, NO, NB, NH, N, C0, C1, P, WIDTH,
                               BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr):
     """The adjoint of _transfer_kernel, anti-diagonals in reverse: lambda (dLoss/dphi of every edge, kept in LAM)
-    from the read-outs, transitions and exits downstream, then the gates' gradients (contiguous, rank order)."""
+    from the read-outs, transitions and exits downstream, then the gates' gradients, written at the grid
+    positions of the slots into contiguous (blocks, B, N, O, H, F) tensors: each block of BC columns, one
+    program, gives its part of the sums over columns."""
     r = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BC)
+    tile, o, b, h = _row(r, NO, NB, NH)
+    t_base, m_base = o * t_o + b * t_b + h * t_h, o * m_o + b * m_b + h * m_h
+    cols = tl.program_id(1) * BC + tl.arange(0, BC)
+    part = tl.program_id(1).to(tl.int64) * NB * N * NO * NH
     col_ok = cols < WIDTH
     E = C0 + C1
     DW = DW + r * P * WIDTH
@@ -275,13 +338,15 @@ def _transfer_backward_kernel(T, M, RANK, PHI, DW, DX, LAM, DS, DT, DM, DD, t_r,
         mask = ok[:, None] & col_ok[None, :]
         below = ok & (i + 1 < C0)
         rank_below = tl.load(RANK + (i + 1) * C1 + j, mask=below, other=0)
-        lam0 = _successor(T, M, DW, LAM, r, rank_below, below, (r * P + (i + 1) * C1 + j) * 2, cols, col_ok,
-                          t_r, t_p, m_r, m_p, WIDTH, 0)
+        pos_below, real_below = _slots(SLOT, tile, o, NT, P, rank_below, below)
+        lam0 = _successor(T, M, DW, LAM, t_base, t_p, m_base, m_p, pos_below, real_below, below, rank_below,
+                          (r * P + (i + 1) * C1 + j) * 2, cols, col_ok, WIDTH, 0)
         lam0 += tl.load(DX + (r * E + j)[:, None] * WIDTH + cols[None, :], mask=mask & (i == C0 - 1)[:, None], other=0.0)
         right = ok & (j + 1 < C1)
         rank_right = tl.load(RANK + i * C1 + j + 1, mask=right, other=0)
-        lam1 = _successor(T, M, DW, LAM, r, rank_right, right, (r * P + i * C1 + j + 1) * 2, cols, col_ok,
-                          t_r, t_p, m_r, m_p, WIDTH, 1)
+        pos_right, real_right = _slots(SLOT, tile, o, NT, P, rank_right, right)
+        lam1 = _successor(T, M, DW, LAM, t_base, t_p, m_base, m_p, pos_right, real_right, right, rank_right,
+                          (r * P + i * C1 + j + 1) * 2, cols, col_ok, WIDTH, 1)
         lam1 += tl.load(DX + (r * E + C1 + i)[:, None] * WIDTH + cols[None, :], mask=mask & (j == C1 - 1)[:, None],
                         other=0.0)
         row = (r * P + i * C1 + j) * 2
@@ -290,17 +355,18 @@ def _transfer_backward_kernel(T, M, RANK, PHI, DW, DX, LAM, DS, DT, DM, DD, t_r,
         in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH)
         own = (cols[None, :] == rank[:, None]).to(tl.float32)
         dw = tl.load(DW + rank[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
-        out = r * P + rank
-        tl.store(DS + out * 2, tl.sum(lam0 * own, 1), mask=ok)
-        tl.store(DS + out * 2 + 1, tl.sum(lam1 * own, 1), mask=ok)
-        tl.store(DT + out * 4, tl.sum(lam0 * in0, 1), mask=ok)
-        tl.store(DT + out * 4 + 1, tl.sum(lam0 * in1, 1), mask=ok)
-        tl.store(DT + out * 4 + 2, tl.sum(lam1 * in0, 1), mask=ok)
-        tl.store(DT + out * 4 + 3, tl.sum(lam1 * in1, 1), mask=ok)
-        tl.store(DM + out * 2, tl.sum(dw * in0, 1), mask=ok)
-        tl.store(DM + out * 2 + 1, tl.sum(dw * in1, 1), mask=ok)
+        pos, real = _slots(SLOT, tile, o, NT, P, rank, ok)
+        pair, quad = _dense(o, b, h, pos, N, NO, NH, 2) + part * 2, _dense(o, b, h, pos, N, NO, NH, 4) + part * 4
+        tl.store(DS + pair, tl.sum(lam0 * own, 1), mask=real)
+        tl.store(DS + pair + 1, tl.sum(lam1 * own, 1), mask=real)
+        tl.store(DT + quad, tl.sum(lam0 * in0, 1), mask=real)
+        tl.store(DT + quad + 1, tl.sum(lam0 * in1, 1), mask=real)
+        tl.store(DT + quad + 2, tl.sum(lam1 * in0, 1), mask=real)
+        tl.store(DT + quad + 3, tl.sum(lam1 * in1, 1), mask=real)
+        tl.store(DM + pair, tl.sum(dw * in0, 1), mask=real)
+        tl.store(DM + pair + 1, tl.sum(dw * in1, 1), mask=real)
         if HAS_DIRECT:
-            tl.store(DD + out, tl.sum(dw * own, 1), mask=ok)
+            tl.store(DD + _dense(o, b, h, pos, N, NO, NH, 1) + part, tl.sum(dw * own, 1), mask=real)
         tl.debug_barrier()  # the previous diagonal reads these adjoints
 
 
@@ -313,16 +379,180 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _row_strides(*xs: torch.Tensor) -> list[int]:
-    return [s for x in xs for s in (x.stride(0), x.stride(1))]
+class Rows(NamedTuple):
+    """Where the kernels' tile rows are. Row r = ((t * O + o) * B + b) * H + h is tile t of orientation o, batch b,
+    head h; slot p of it is grid position slots[o, t, p] (-1 in a tile's padding) of tensors laid out
+    (B, N, H, F) (q, k, v, dy; one for all orientations) or (B, N, O, H, F) (gates and per-orientation outputs)."""
+
+    slots: torch.Tensor  # (O, T, P_t) int32
+    tiles: int
+    orientations: int
+    batch: int
+    heads: int
+    positions: int  # N
+
+    @property
+    def count(self) -> int:
+        return self.tiles * self.orientations * self.batch * self.heads
+
+    @property
+    def size(self) -> int:  # P_t
+        return self.slots.shape[-1]
+
+    def args(self) -> tuple:
+        return self.slots, self.tiles, self.orientations, self.batch, self.heads
+
+    def outputs(self, features: int, device) -> torch.Tensor:
+        """A float32 (B, N, O, H, features) buffer for per-orientation results."""
+        return empty(self.batch, self.positions, self.orientations, self.heads, features, device=device)
 
 
-def _sizes(q, v, weights):
-    rows, positions, dk = q.shape
-    return rows, positions, weights.shape[-1] - positions, weights.shape[-1], dk, v.shape[-1]
+@lru_cache(maxsize=64)
+def _identity_slots(positions: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(positions, dtype=torch.int32, device=device)[None, None]
+
+
+def tile_rows(rows: int, positions: int, device: torch.device) -> Rows:
+    """Rows of (R, P_t, F) tensors already in tiles, viewed as (R, P_t, 1, F): one tile, one orientation, R batches."""
+    return Rows(_identity_slots(positions, device), 1, 1, rows, 1, positions)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, position) strides of a (B, N, H, F) tensor with unit feature stride."""
+    return x.stride(0), x.stride(2), x.stride(1)
+
+
+def _gate_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
+    """(orientation, batch, head, position) strides of a (B, N, O, H, F) tensor with unit feature stride."""
+    return x.stride(2), x.stride(0), x.stride(3), x.stride(1)
 
 
 BLOCK_P = 64  # query and source blocks of the readout
+
+
+def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch.Tensor:
+    """y (B, N, O, H, Dv) float32 = scale * (the local quadratic form + the entering border states' part).
+
+    q, k (B, N, H, Dk), v (B, N, H, Dv): one dtype, unit feature stride; weights (R, P_t, P_t + E) float32;
+    entering (R, E, Dk, Dv) float32 contiguous, or None where no state enters."""
+    size, width, dk, dv = rows.size, weights.shape[-1], q.shape[-1], v.shape[-1]
+    y = rows.outputs(dv, q.device)
+    bv = min(64, _block(dv))
+    with on_device(q.device):
+        _readout_kernel[(rows.count, triton.cdiv(size, BLOCK_P), triton.cdiv(dv, bv))](
+            q, k, v, weights, entering if entering is not None else weights, y, rows.slots,
+            *_strides(q), *_strides(k), *_strides(v), scale, *rows.args()[1:], rows.positions, size, width - size,
+            width, dk, dv, BP=BLOCK_P, BS=BLOCK_P, BK=_block(dk), BV=bv, HAS_BORDER=entering is not None,
+            PRECISION=_precision(q))
+    return y
+
+
+def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
+    """[dq, dk, dv (B, N, O, H, D), d_weights (R, P_t, P_t + E), d_entering (R, E, Dk, Dv) or None], float32.
+    dy: (B, N, H, Dv) float32 contiguous."""
+    size, width, dk, dv = rows.size, weights.shape[-1], q.shape[-1], v.shape[-1]
+    border = width - size
+    dq, dk_, dv_ = rows.outputs(dk, q.device), rows.outputs(dk, q.device), rows.outputs(dv, q.device)
+    d_weights = torch.zeros(rows.count, size, width, device=q.device)  # W[p, s] for s after p is never read: zero
+    d_entering = empty(rows.count, border, dk, dv, device=q.device) if entering is not None else None
+    blocks, common = triton.cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q))
+    qkv = (*_strides(q), *_strides(k), *_strides(v))
+    bv = min(64, _block(dv))
+    with on_device(q.device):
+        _readout_sources_kernel[(rows.count, blocks)](
+            q, k, v, weights, dy, dk_, dv_, d_weights, rows.slots, *qkv, *rows.args()[1:], rows.positions, size, width,
+            dk, dv, BP=BLOCK_P, BS=BLOCK_P, **common)
+        _readout_queries_kernel[(rows.count, blocks)](
+            q, k, v, weights, entering if entering is not None else weights, dy, dq, d_weights, rows.slots, *qkv,
+            *rows.args()[1:], rows.positions, size, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
+            HAS_BORDER=entering is not None, **common)
+        if entering is not None:
+            _outer_sums_kernel[(rows.count, border, triton.cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
+                q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
+                width, *rows.args()[1:], size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
+                PRECISION=_precision(q))
+    return dq, dk_, dv_, d_weights, d_entering
+
+
+def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
+    """U (R, E, Dk, Dv) float32: sum_s X[e, s] k_s v_s^T, from exits (R, E, P_t + E) float32 contiguous (its first
+    P_t columns)."""
+    border, width, dk, dv = exits.shape[1], exits.shape[-1], k.shape[-1], v.shape[-1]
+    u = empty(rows.count, border, dk, dv, device=k.device)
+    bv = min(64, _block(dv))
+    with on_device(k.device):
+        _outer_sums_kernel[(rows.count, border, triton.cdiv(dv, bv))](
+            k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args()[1:],
+            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, PRECISION=_precision(k))
+    return u
+
+
+def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: bool) -> None:
+    """Writes dX into d_exits' first P_t columns and dk, dv (B, N, O, H, D) float32, added to their values when
+    `accumulate`. du: (R, E, Dk, Dv) float32 contiguous."""
+    border, width = exits.shape[1], exits.shape[-1]
+    with on_device(k.device):
+        _exits_backward_kernel[(rows.count, triton.cdiv(rows.size, BLOCK_P))](
+            k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args()[1:],
+            rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=BLOCK_P, BK=_block(k.shape[-1]),
+            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k))
+
+
+@lru_cache(maxsize=64)
+def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(C0 * C1,) wavefront rank of each position of a 2D tile, in row-major order."""
+    order = wavefront(tile).order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank.to(device, torch.int32)
+
+
+TRANSFER_COLUMNS = 64  # columns (sources) per program of the transfer kernels
+
+
+def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int]):
+    """[W (R, P, P + E), X (R, E, P + E), phi (R, 2 P, P + E)] of a rows x cols tile, float32.
+
+    source, mark (B, N, O, H, 2), transition (B, N, O, H, 4): float32 with unit last stride; direct (B, N, H, 1)
+    or None."""
+    device, (c0, c1) = source.device, tile
+    positions, border = c0 * c1, c0 + c1
+    width = positions + border
+    phi = empty(rows.count, 2 * positions, width, device=device)
+    weights = empty(rows.count, positions, width, device=device)
+    exits = empty(rows.count, border, width, device=device)
+    with on_device(device):
+        _transfer_kernel[(rows.count, triton.cdiv(width, TRANSFER_COLUMNS))](
+            source, transition, mark, direct if direct is not None else source, _ranks(tile, device), rows.slots,
+            phi, weights, exits, *_gate_strides(source), *_gate_strides(transition), *_gate_strides(mark),
+            *(_strides(direct) if direct is not None else (0, 0, 0)), *rows.args()[1:], c0, c1, positions, width,
+            BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=direct is not None, num_warps=4)
+    return weights, exits, phi
+
+
+def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tuple[int, int], phi, d_weights, d_exits):
+    """[d_source, d_transition, d_mark, d_direct (None without direct)], float32 (B, N, O, H, F)."""
+    device, (c0, c1) = mark.device, tile
+    positions = c0 * c1
+    width = positions + c0 + c1
+    blocks = triton.cdiv(width, TRANSFER_COLUMNS)
+    parts = lambda f: empty(blocks, rows.batch, rows.positions, rows.orientations, rows.heads, f, device=device)
+    d_source, d_transition, d_mark = parts(2), parts(4), parts(2)
+    d_direct = parts(1) if has_direct else None
+    with on_device(device):
+        _transfer_backward_kernel[(rows.count, blocks)](
+            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights, d_exits, empty(*phi.shape, device=device),
+            d_source, d_transition, d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
+            *_gate_strides(mark), *rows.args()[1:], rows.positions, c0, c1, positions, width,
+            BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=has_direct, num_warps=4)
+    total = lambda x: x if x is None else x.sum(0) if blocks > 1 else x[0]
+    return total(d_source), total(d_transition), total(d_mark), total(d_direct)
+
+
+# Custom ops on (R, P_t, F) tensors already in tiles: the read-out and exits of the tile path on 3D grids
+# (mdlrnn.ops.grid.chunk with TritonTiles), differentiable.
+def _tiled(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(2)  # (R, P_t, F) -> (R, P_t, 1, F): B = R, N = P_t, H = 1
 
 
 @torch.library.custom_op("mdlrnn::tile_readout", mutates_args=())
@@ -330,15 +560,8 @@ def tile_readout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: tor
                  entering: Optional[torch.Tensor]) -> torch.Tensor:
     """y (R, P, Dv) float32. q, k: (R, P, Dk), v: (R, P, Dv), unit last stride, one dtype; weights (R, P, P + E)
     float32 contiguous; entering (R, E, Dk, Dv) float32 contiguous, or None where no state enters (E unused)."""
-    rows, positions, border, width, dk, dv = _sizes(q, v, weights)
-    y = empty(rows, positions, dv, device=q.device)
-    bv = min(64, _block(dv))
-    with on_device(q.device):
-        _readout_kernel[(rows, triton.cdiv(positions, BLOCK_P), triton.cdiv(dv, bv))](
-            q, k, v, weights, entering if entering is not None else weights, y, *_row_strides(q, k, v),
-            positions, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P, BK=_block(dk), BV=bv,
-            HAS_BORDER=entering is not None, PRECISION=_precision(q))
-    return y
+    rows = tile_rows(q.shape[0], q.shape[1], q.device)
+    return readout(_tiled(q), _tiled(k), _tiled(v), weights, entering, rows).view(*q.shape[:2], v.shape[-1])
 
 
 @tile_readout.register_fake
@@ -350,28 +573,11 @@ def _(q, k, v, weights, entering):
 def tile_readout_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, weights: torch.Tensor,
                           entering: Optional[torch.Tensor], dy: torch.Tensor) -> list[torch.Tensor]:
     """[dq, dk, dv, d_weights, d_entering] in float32 (d_entering empty without entering states)."""
-    rows, positions, border, width, dk, dv = _sizes(q, v, weights)
-    dy = dy.float().contiguous()
-    f32 = dict(device=q.device, dtype=torch.float32)
-    dq, dk_, dv_ = (empty(rows, positions, n, device=q.device) for n in (dk, dk, dv))
-    d_weights = torch.zeros(rows, positions, width, **f32)  # W[p, s] for s after p is never read: zero
-    d_entering = empty(rows, border, dk, dv, device=q.device) if entering is not None else dy.new_empty(0)
-    blocks, common = triton.cdiv(positions, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q))
-    bv = min(64, _block(dv))
-    with on_device(q.device):
-        _readout_sources_kernel[(rows, blocks)](
-            q, k, v, weights, dy, dk_, dv_, d_weights, *_row_strides(q, k, v), positions, width, dk, dv,
-            BP=BLOCK_P, BS=BLOCK_P, **common)
-        _readout_queries_kernel[(rows, blocks)](
-            q, k, v, weights, entering if entering is not None else weights, dy, dq, d_weights,
-            *_row_strides(q, k, v), positions, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
-            HAS_BORDER=entering is not None, **common)
-        if entering is not None:
-            _outer_sums_kernel[(rows, border, triton.cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
-                q, dy, weights[..., positions:], d_entering, q.stride(0), q.stride(1), dy.stride(0), dy.stride(1),
-                positions * width, 1, width, positions, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
-                PRECISION=_precision(q))
-    return [dq, dk_, dv_, d_weights, d_entering]
+    rows = tile_rows(q.shape[0], q.shape[1], q.device)
+    dq, dk, dv, d_weights, d_entering = readout_backward(
+        _tiled(q), _tiled(k), _tiled(v), weights, entering, _tiled(dy.float().contiguous()), rows)
+    flat = lambda x: x.view(*x.shape[:2], x.shape[-1])
+    return [flat(dq), flat(dk), flat(dv), d_weights, d_entering if d_entering is not None else dy.new_empty(0)]
 
 
 @tile_readout_backward.register_fake
@@ -398,15 +604,7 @@ tile_readout.register_autograd(_readout_grad, setup_context=_readout_setup)
 def tile_exits(k: torch.Tensor, v: torch.Tensor, exits: torch.Tensor) -> torch.Tensor:
     """U (R, E, Dk, Dv) float32 from k (R, P, Dk), v (R, P, Dv) and exits (R, E, P + E) float32 contiguous
     (only its first P columns are read)."""
-    rows, positions, dk = k.shape
-    border, dv = exits.shape[1], v.shape[-1]
-    u = empty(rows, border, dk, dv, device=k.device)
-    bv = min(64, _block(dv))
-    with on_device(k.device):
-        _outer_sums_kernel[(rows, border, triton.cdiv(dv, bv))](  # U_e = sum_s X[e, s] k_s v_s^T
-            k, v, exits, u, *_row_strides(k, v), border * exits.shape[-1], exits.shape[-1], 1, positions, border,
-            dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, PRECISION=_precision(k))
-    return u
+    return exit_states(_tiled(k), _tiled(v), exits, tile_rows(k.shape[0], k.shape[1], k.device))
 
 
 @tile_exits.register_fake
@@ -417,17 +615,11 @@ def _(k, v, exits):
 @torch.library.custom_op("mdlrnn::tile_exits_backward", mutates_args=())
 def tile_exits_backward(k: torch.Tensor, v: torch.Tensor, exits: torch.Tensor, du: torch.Tensor) -> list[torch.Tensor]:
     """[dk, dv, d_exits] in float32 (d_exits zero in its last E columns)."""
-    rows, positions, dk = k.shape
-    border, width, dv = exits.shape[1], exits.shape[-1], v.shape[-1]
-    du = du.float().contiguous()
-    f32 = dict(device=k.device, dtype=torch.float32)
-    dk_, dv_ = empty(rows, positions, dk, device=k.device), empty(rows, positions, dv, device=k.device)
-    d_exits = torch.zeros(rows, border, width, **f32)
-    with on_device(k.device):
-        _exits_backward_kernel[(rows, triton.cdiv(positions, BLOCK_P))](
-            k, v, exits, du, dk_, dv_, d_exits, *_row_strides(k, v), positions, border, width, dk, dv,
-            BS=BLOCK_P, BK=_block(dk), BV=_block(dv), PRECISION=_precision(k))
-    return [dk_, dv_, d_exits]
+    rows = tile_rows(k.shape[0], k.shape[1], k.device)
+    dk, dv = rows.outputs(k.shape[-1], k.device), rows.outputs(v.shape[-1], k.device)
+    d_exits = torch.zeros(exits.shape, device=k.device)
+    exits_backward(_tiled(k), _tiled(v), exits, du.float().contiguous(), rows, dk, dv, d_exits, accumulate=False)
+    return [dk.view(k.shape), dv.view(v.shape), d_exits]
 
 
 @tile_exits_backward.register_fake
@@ -448,75 +640,6 @@ def _exits_grad(ctx, du):
 tile_exits.register_autograd(_exits_grad, setup_context=_exits_setup)
 
 
-def _gate_strides(*xs: Optional[torch.Tensor]) -> list[int]:
-    return [s for x in xs for s in ((x.stride(0), x.stride(1)) if x is not None else (0, 0))]
-
-
-@lru_cache(maxsize=64)
-def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(C0 * C1,) wavefront rank of each position of a 2D tile, in row-major order."""
-    order = wavefront(tile).order
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(order.numel())
-    return rank.to(device, torch.int32)
-
-
-@torch.library.custom_op("mdlrnn::tile_transfer", mutates_args=())
-def tile_transfer(source: torch.Tensor, transition: torch.Tensor, mark: torch.Tensor, direct: Optional[torch.Tensor],
-                  ranks: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[W (R, P, P + E), X (R, E, P + E), phi (R, 2 P, P + E)] of rows x cols tiles, float32.
-
-    source, mark (R, P, 2), transition (R, P, 4), direct (R, P, 1) or None: float32 gates in wavefront order
-    with unit last stride; ranks: _ranks((rows, cols))."""
-    tiles, positions = source.shape[:2]
-    border = rows + cols
-    width = positions + border
-    phi = empty(tiles, 2 * positions, width, device=source.device)
-    weights = empty(tiles, positions, width, device=source.device)
-    exits = empty(tiles, border, width, device=source.device)
-    with on_device(source.device):
-        _transfer_kernel[(tiles,)](
-            source, transition, mark, direct if direct is not None else source, ranks, phi, weights, exits,
-            *_gate_strides(source, transition, mark, direct), rows, cols, positions, width,
-            BI=_block(min(rows, cols)), BC=_block(width), HAS_DIRECT=direct is not None, num_warps=8)
-    return weights, exits, phi
-
-
-@tile_transfer.register_fake
-def _(source, transition, mark, direct, ranks, rows, cols):
-    tiles, positions = source.shape[:2]
-    width = positions + rows + cols
-    new = lambda *shape: source.new_empty(*shape, dtype=torch.float32)
-    return new(tiles, positions, width), new(tiles, rows + cols, width), new(tiles, 2 * positions, width)
-
-
-@torch.library.custom_op("mdlrnn::tile_transfer_backward", mutates_args=())
-def tile_transfer_backward(transition: torch.Tensor, mark: torch.Tensor, has_direct: bool, ranks: torch.Tensor,
-                           phi: torch.Tensor, d_weights: torch.Tensor, d_exits: torch.Tensor, rows: int,
-                           cols: int) -> list[torch.Tensor]:
-    """[d_source, d_transition, d_mark, d_direct] (d_direct empty without direct), float32 contiguous."""
-    tiles, positions = mark.shape[:2]
-    width = positions + rows + cols
-    d_source, d_mark = empty(tiles, positions, 2, device=mark.device), empty(tiles, positions, 2, device=mark.device)
-    d_transition = empty(tiles, positions, 4, device=mark.device)
-    d_direct = empty(tiles, positions, 1, device=mark.device) if has_direct else d_source.new_empty(0)
-    adjoints = empty(*phi.shape, device=mark.device)
-    with on_device(mark.device):
-        _transfer_backward_kernel[(tiles,)](
-            transition, mark, ranks, phi, d_weights.float().contiguous(), d_exits.float().contiguous(), adjoints,
-            d_source, d_transition, d_mark, d_direct if has_direct else d_source, *_gate_strides(transition, mark),
-            rows, cols, positions, width, BI=_block(min(rows, cols)), BC=_block(width), HAS_DIRECT=has_direct,
-            num_warps=8)
-    return [d_source, d_transition, d_mark, d_direct]
-
-
-@tile_transfer_backward.register_fake
-def _(transition, mark, has_direct, ranks, phi, d_weights, d_exits, rows, cols):
-    f32 = lambda x: x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the real gradients
-    grads = [f32(mark), f32(transition), f32(mark)]
-    return [*grads, mark.new_empty(*mark.shape[:2], 1, dtype=torch.float32) if has_direct else mark.new_empty(0)]
-
-
 # Tiles of the Triton path: grids of up to WHOLE_GRID positions are one tile (no state crosses a border:
 # the readout alone, a masked quadratic form like attention); larger grids use tiles of TILE_EDGE per axis.
 WHOLE_GRID = 256
@@ -533,7 +656,8 @@ class TritonTiles(TorchTiles):
             return tile_shape(sizes)
         if math.prod(sizes) <= WHOLE_GRID:
             return sizes
-        return tuple(min(s, TILE_EDGE) for s in sizes)
+        # as many tiles per axis as edges of TILE_EDGE need, made as even as can be: 24 -> 12 + 12, not 16 + 8
+        return tuple(-(-s // -(-s // TILE_EDGE)) for s in sizes)
 
     exits = staticmethod(tile_exits)
     readout = staticmethod(tile_readout)
