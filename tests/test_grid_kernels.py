@@ -211,8 +211,8 @@ def test_tile_kernels_custom_op_registration(generator, device):
         torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d, args, test_utils=checks)
     # the backward's fake gives contiguous gradients, as the op does, also for permuted inputs (inductor checks)
     q_permuted = q.detach().transpose(1, 2).contiguous().transpose(1, 2)
-    y, entering = torch.ops.mdlrnn.grid_scan_2d(*args)
-    backward_args = (q_permuted, *args[1:7], entering, torch.randn_like(y), 0.5, orientations)
+    y = torch.ops.mdlrnn.grid_scan_2d(*args)
+    backward_args = (q_permuted, *args[1:7], torch.randn_like(y), 0.5, orientations)
     torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d_backward, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 

@@ -4,9 +4,10 @@ The tile path on the tile kernels (mdlrnn.kernels.tiles) with the chain rule wri
 the scan across tiles, read-out; and in reverse read-out, across-tiles adjoint, exits and transfer adjoints.
 The kernels read q, k, v and the gates where they are, through a table of each tile slot's grid position per
 orientation, and write per-orientation results in place: no gathered or flipped copies. As single ops the index plans stay inside them, so
-torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The forward hands the entering
-border states to the backward, which recomputes the scalar weights (one transfer launch) rather than keep
-them: they are a few times P_t floats per position, several times the memory of q, k and v.
+torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The backward keeps only the
+op's inputs and recomputes the scalar weights and the border states entering each tile (the transfer, the exits
+and the pass across tiles again): kept, the weights would take a few times P_t floats per position and the
+states E x Dk x Dv floats per tile, orientation and head, each several times the memory of q, k and v.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def _orientations_summed(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("mdlrnn::grid_scan_2d", mutates_args=())
 def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
                  mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float, orientations: list[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[y (B, X, Y, H, Dv) float32, entering] (the border states entering each tile, empty for a one-tile grid).
+                 ) -> torch.Tensor:
+    """y (B, X, Y, H, Dv) float32.
 
     q, k, v (B, X, Y, H, D): one dtype (float32, float16, bfloat16), shared by the orientations; gates float32 with
     an orientation axis: source, mark (B, X, Y, O, H, 2), transition (B, X, Y, O, H, 2, 2), each in its
@@ -80,50 +81,48 @@ def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
         return _forward(q, k, v, source, transition, mark, direct, scale, tuple(orientations))
 
 
+def _entering(k3, v3, exits, rows: Rows, plan: TilePlan) -> Optional[torch.Tensor]:
+    """The border states entering each tile, (R, E, Dk, Dv) float32: the exits' local part, then the pass across
+    tiles. None for a one-tile grid."""
+    if plan.num_tiles == 1:
+        return None
+    dk, dv = k3.shape[-1], v3.shape[-1]
+    tiles_by_group, border, size = (plan.num_tiles, rows.count // plan.num_tiles), plan.num_border, plan.tile_size
+    local = exit_states(k3, v3, exits, rows).view(*tiles_by_group, border, dk * dv)
+    entering = TorchAcross.states(local, exits[..., size:].reshape(*tiles_by_group, border, border), plan)
+    return entering.view(-1, border, dk, dv)
+
+
 def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
-    dk, dv = q.shape[-1], v.shape[-1]
     plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
     weights, exits, _ = transfer(*gates, direct3, rows, plan.tile)
-    entering = None
-    if plan.num_tiles > 1:
-        tiles_by_group, border, size = (plan.num_tiles, rows.count // plan.num_tiles), plan.num_border, plan.tile_size
-        local = exit_states(k3, v3, exits, rows).view(*tiles_by_group, border, dk * dv)
-        entering = TorchAcross.states(local, exits[..., size:].reshape(*tiles_by_group, border, border), plan)
-        entering = entering.view(-1, border, dk, dv)
-    y = _orientations_summed(readout(q3, k3, v3, weights, entering, rows, scale))
-    return y.view(*q.shape[:-1], dv), entering if entering is not None else y.new_empty(0)
+    y = readout(q3, k3, v3, weights, _entering(k3, v3, exits, rows, plan), rows, scale)
+    return _orientations_summed(y).view(*q.shape[:-1], v.shape[-1])
 
 
 @grid_scan_2d.register_fake
 def _(q, k, v, source, transition, mark, direct, scale, orientations):
-    sizes = tuple(q.shape[1:3])
-    rows, cols = TritonTiles.tile(sizes)
-    tiles = -(-sizes[0] // rows) * -(-sizes[1] // cols)
-    border, groups = rows + cols, len(orientations) * q.shape[0] * q.shape[-2]
-    new = lambda *shape: q.new_empty(*shape, dtype=torch.float32)
-    entering = new(tiles * groups, border, q.shape[-1], v.shape[-1]) if tiles > 1 else new(0)
-    return new(*q.shape[:-1], v.shape[-1]), entering
+    return q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("mdlrnn::grid_scan_2d_backward", mutates_args=())
 def grid_scan_2d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
                           transition: torch.Tensor, mark: torch.Tensor, direct: Optional[torch.Tensor],
-                          entering: torch.Tensor, dy: torch.Tensor, scale: float,
-                          orientations: list[int]) -> list[torch.Tensor]:
+                          dy: torch.Tensor, scale: float, orientations: list[int]) -> list[torch.Tensor]:
     """[dq, dk, dv, d_source, d_transition, d_mark, d_direct] in float32 (d_direct empty without direct)."""
     with torch.autocast(q.device.type, enabled=False):  # backward may run under the caller's autocast
-        return _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, scale, tuple(orientations))
+        return _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, tuple(orientations))
 
 
-def _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, scale, orientations):
+def _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, orientations):
     dk, dv = q.shape[-1], v.shape[-1]
     plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
     size, border = plan.tile_size, plan.num_border
     weights, exits, phi = transfer(*gates, direct3, rows, plan.tile)
-    has_border = plan.num_tiles > 1
+    entering = _entering(k3, v3, exits, rows, plan)
+    has_border = entering is not None
     dy3 = (scale * dy.float()).reshape(rows.batch, rows.positions, rows.heads, dv).contiguous()
-    dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, entering if has_border else None,
-                                                           dy3, rows)
+    dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, entering, dy3, rows)
     d_exits = torch.zeros_like(exits)
     if has_border:
         tiles_by_group = (plan.num_tiles, rows.count // plan.num_tiles)
@@ -139,7 +138,7 @@ def _backward_steps(q, k, v, source, transition, mark, direct, entering, dy, sca
 
 
 @grid_scan_2d_backward.register_fake
-def _(q, k, v, source, transition, mark, direct, entering, dy, scale, orientations):
+def _(q, k, v, source, transition, mark, direct, dy, scale, orientations):
     f32 = lambda x: x.new_empty(x.shape, dtype=torch.float32)  # contiguous, as the real gradients
     return [f32(q), f32(k), f32(v), f32(source), f32(transition), f32(mark),
             f32(direct) if direct is not None else dy.new_empty(0)]
@@ -147,14 +146,13 @@ def _(q, k, v, source, transition, mark, direct, entering, dy, scale, orientatio
 
 def _setup_context(ctx, inputs, output):
     q, k, v, source, transition, mark, direct, scale, orientations = inputs
-    ctx.save_for_backward(q, k, v, source, transition, mark, direct, output[1])
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(q, k, v, source, transition, mark, direct)
     ctx.scale, ctx.orientations = scale, orientations
 
 
-def _backward(ctx, dy, *_):
-    *inputs, entering = ctx.saved_tensors
-    grads = grid_scan_2d_backward(*inputs, entering, dy, ctx.scale, ctx.orientations)
+def _backward(ctx, dy):
+    inputs = ctx.saved_tensors
+    grads = grid_scan_2d_backward(*inputs, dy, ctx.scale, ctx.orientations)
     return *grads[:6], grads[6] if inputs[6] is not None else None, None, None
 
 

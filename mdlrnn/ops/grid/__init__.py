@@ -45,7 +45,7 @@ def _on_2d_kernels(q, k, v, source, transition, mark, direct, scale: float, orie
     gates = [g.to(torch.float32) for g in (source, transition, mark)]
     direct = None if direct is None else direct.to(torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        return grid_scan_2d(*_kernel_inputs(q, k, v, dtype), *gates, direct, scale, orientations)[0].to(v.dtype)
+        return grid_scan_2d(*_kernel_inputs(q, k, v, dtype), *gates, direct, scale, orientations).to(v.dtype)
 
 
 def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):
