@@ -216,6 +216,38 @@ def test_tile_kernels_custom_op_registration(generator, device):
     torch.library.opcheck(torch.ops.mdlrnn.grid_scan_2d_backward, backward_args, test_utils=("test_schema", "test_faketensor"))
 
 
+def test_tile_kernels_read_strided_inputs_in_place(generator, device, small_tiles):
+    """2D: q, k as slices of a fused projection, v with a last stride of H, source and direct as slices, mark as
+    a permuted view (batch stride smallest): outputs and gradients of the tensors behind them as the reference's."""
+    batch, sizes, heads, d = 2, (7, 6), 2, 4
+    x = grid_inputs(batch, sizes, heads, d, d, generator=generator)
+    storage = dict(
+        fused=torch.cat([x["q"], x["k"], torch.randn(x["q"].shape, generator=generator, dtype=torch.float64)], -1),
+        v_transposed=x["v"].transpose(-1, -2).contiguous(),
+        source_wide=torch.cat([x["source"], torch.rand(x["source"].shape, generator=generator, dtype=torch.float64)], -1),
+        mark_permuted=x["mark"].permute(1, 2, 0, 3, 4).contiguous(),
+        direct_wide=torch.stack([x["direct"], torch.zeros_like(x["direct"])], -1),
+        transition=x["transition"],
+    )
+
+    def scan(tensors, backend):
+        args = dict(q=tensors["fused"][..., :d], k=tensors["fused"][..., d : 2 * d],
+                    v=tensors["v_transposed"].transpose(-1, -2), source=tensors["source_wide"][..., :2],
+                    mark=tensors["mark_permuted"].permute(2, 0, 1, 3, 4), direct=tensors["direct_wide"][..., 0],
+                    transition=tensors["transition"])
+        return grid_scan(**args, backend=backend)
+
+    ref_leaves = {n: t.clone().requires_grad_() for n, t in storage.items()}
+    leaves = {n: t.float().to(device).requires_grad_() for n, t in storage.items()}
+    ref, out = scan(ref_leaves, "reference"), scan(leaves, "triton")
+    weight = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
+    (ref * weight).sum().backward()
+    (out * weight.to(device, out.dtype)).sum().backward()
+    assert relative_error(out, ref) < 1e-5
+    for name, leaf in leaves.items():
+        assert relative_error(leaf.grad, ref_leaves[name].grad) < 1e-5, name
+
+
 def test_nan_gate_propagates_like_the_reference(generator, device):
     """A NaN transition poisons every later output, as in the recurrence; it must not read as a zero gate."""
     inputs = grid_inputs(1, (10,), 1, 4, 4, generator=generator)
