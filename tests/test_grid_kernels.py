@@ -307,8 +307,8 @@ def test_tile_kernels_backward_under_autocast(generator, device, small_tiles):
 
 
 @pytest.mark.parametrize("mode", ["P", "D"])
-def test_plstm2d_orientations_through_the_gather(mode, device, small_tiles):
-    """PLSTM2D on the 2D op reads its four orientations through the kernels' gather indices (no flipped copies):
+def test_plstm2d_orientations_through_the_slot_table(mode, device, small_tiles):
+    """PLSTM2D on the 2D op reads its four orientations through the kernels' slot table (no flipped copies):
     the same outputs and gradients as the torch path's flipped copies."""
     from mdlrnn.layers import PLSTM2D
 

@@ -3,11 +3,12 @@
 The tile path on the tile kernels (mdlrnn.kernels.tiles) with the chain rule written out: transfer, exits,
 the scan across tiles, read-out; and in reverse read-out, across-tiles adjoint, exits and transfer adjoints.
 The kernels read q, k, v and the gates where they are, through a table of each tile slot's grid position per
-orientation, and write per-orientation results in place: no gathered or flipped copies. As single ops the index plans stay inside them, so
-torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The backward keeps only the
-op's inputs and recomputes the scalar weights and the border states entering each tile (the transfer, the exits
-and the pass across tiles again): kept, the weights would take a few times P_t floats per position and the
-states E x Dk x Dv floats per tile, orientation and head, each several times the memory of q, k and v.
+orientation, and write per-orientation results in place: no gathered or flipped copies. As single ops the index
+plans stay inside them, so torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The
+backward keeps only the op's inputs and recomputes the scalar weights and the border states entering each tile
+(the transfer, the exits and the pass across tiles again): kept, the weights would take a few times P_t floats per
+position and the states E x Dk x Dv floats per tile, orientation and head, each several times the memory of q, k
+and v.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _inputs(q, k, v, source, transition, mark, direct, orientations):
     rows = Rows(_slots(plan, (x, y), orientations), plan.num_tiles, len(orientations), batch, heads, x * y)
     flat = lambda t: _unit(t.flatten(1, 2))
     gates = [flat(source), flat(transition.flatten(-2)), flat(mark)]
-    return plan, rows, [flat(t) for t in (q, k, v)], gates, None if direct is None else flat(direct)[..., None]
+    # direct is read through its strides: (B, N, H, 1) as a view, whatever the strides of its H axis
+    return plan, rows, [flat(t) for t in (q, k, v)], gates, None if direct is None else direct.flatten(1, 2)[..., None]
 
 
 def _orientations_summed(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 r"""Triton kernels for the matrix-valued work of grid_scan's tile path (N >= 2), forward and backward.
 
-The tile path (mdlrnn.ops.grid.chunk) gets, per tile row r (tile x batch x head), scalar weights from one
+The tile path (mdlrnn.ops.grid.chunk) gets, per tile row r (tile x orientation x batch x head), scalar weights from one
 small triangular system: W (P, P + E), what each position reads from each local source and each entering
 border edge (the direct weight on its diagonal), and X (E, P + E), what each exit edge gets from them. Two
 kernels do the rest without materialising anything per (position, border edge, Dk, Dv):
@@ -400,7 +400,8 @@ class Rows(NamedTuple):
         return self.slots.shape[-1]
 
     def args(self) -> tuple:
-        return self.slots, self.tiles, self.orientations, self.batch, self.heads
+        """What every tile kernel takes after the slot table: tiles, orientations, batch, heads."""
+        return self.tiles, self.orientations, self.batch, self.heads
 
     def outputs(self, features: int, device) -> torch.Tensor:
         """A float32 (B, N, O, H, features) buffer for per-orientation results."""
@@ -441,7 +442,7 @@ def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch
     with on_device(q.device):
         _readout_kernel[(rows.count, triton.cdiv(size, BLOCK_P), triton.cdiv(dv, bv))](
             q, k, v, weights, entering if entering is not None else weights, y, rows.slots,
-            *_strides(q), *_strides(k), *_strides(v), scale, *rows.args()[1:], rows.positions, size, width - size,
+            *_strides(q), *_strides(k), *_strides(v), scale, *rows.args(), rows.positions, size, width - size,
             width, dk, dv, BP=BLOCK_P, BS=BLOCK_P, BK=_block(dk), BV=bv, HAS_BORDER=entering is not None,
             PRECISION=_precision(q))
     return y
@@ -460,16 +461,16 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
     bv = min(64, _block(dv))
     with on_device(q.device):
         _readout_sources_kernel[(rows.count, blocks)](
-            q, k, v, weights, dy, dk_, dv_, d_weights, rows.slots, *qkv, *rows.args()[1:], rows.positions, size, width,
+            q, k, v, weights, dy, dk_, dv_, d_weights, rows.slots, *qkv, *rows.args(), rows.positions, size, width,
             dk, dv, BP=BLOCK_P, BS=BLOCK_P, **common)
         _readout_queries_kernel[(rows.count, blocks)](
             q, k, v, weights, entering if entering is not None else weights, dy, dq, d_weights, rows.slots, *qkv,
-            *rows.args()[1:], rows.positions, size, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
+            *rows.args(), rows.positions, size, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
             HAS_BORDER=entering is not None, **common)
         if entering is not None:
             _outer_sums_kernel[(rows.count, border, triton.cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
-                width, *rows.args()[1:], size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
+                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
                 PRECISION=_precision(q))
     return dq, dk_, dv_, d_weights, d_entering
 
@@ -482,7 +483,7 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     bv = min(64, _block(dv))
     with on_device(k.device):
         _outer_sums_kernel[(rows.count, border, triton.cdiv(dv, bv))](
-            k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args()[1:],
+            k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
             rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, PRECISION=_precision(k))
     return u
 
@@ -493,7 +494,7 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
     border, width = exits.shape[1], exits.shape[-1]
     with on_device(k.device):
         _exits_backward_kernel[(rows.count, triton.cdiv(rows.size, BLOCK_P))](
-            k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args()[1:],
+            k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args(),
             rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=BLOCK_P, BK=_block(k.shape[-1]),
             BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k))
 
@@ -525,7 +526,7 @@ def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int]
         _transfer_kernel[(rows.count, triton.cdiv(width, TRANSFER_COLUMNS))](
             source, transition, mark, direct if direct is not None else source, _ranks(tile, device), rows.slots,
             phi, weights, exits, *_gate_strides(source), *_gate_strides(transition), *_gate_strides(mark),
-            *(_strides(direct) if direct is not None else (0, 0, 0)), *rows.args()[1:], c0, c1, positions, width,
+            *(_strides(direct) if direct is not None else (0, 0, 0)), *rows.args(), c0, c1, positions, width,
             BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=direct is not None, num_warps=4)
     return weights, exits, phi
 
@@ -543,7 +544,7 @@ def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tupl
         _transfer_backward_kernel[(rows.count, blocks)](
             transition, mark, _ranks(tile, device), rows.slots, phi, d_weights, d_exits, empty(*phi.shape, device=device),
             d_source, d_transition, d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
-            *_gate_strides(mark), *rows.args()[1:], rows.positions, c0, c1, positions, width,
+            *_gate_strides(mark), *rows.args(), rows.positions, c0, c1, positions, width,
             BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=has_direct, num_warps=4)
     total = lambda x: x if x is None else x.sum(0) if blocks > 1 else x[0]
     return total(d_source), total(d_transition), total(d_mark), total(d_direct)

@@ -107,7 +107,7 @@ def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, bac
     with torch.autocast(q.device.type, enabled=False):
         if backend == "torch" and torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in args):
             # keep only the inputs; the tile states (a few Dk x Dv per position) are recomputed in backward.
-            # (The tile kernels' path keeps scalar weights and border states instead, in float32.)
+            # (The 2D tile kernels' op likewise keeps only its inputs and recomputes the rest.)
             return checkpoint(run, *args, scale, use_reentrant=False).to(v.dtype)
         return run(*args, scale).to(v.dtype)
 
@@ -126,7 +126,7 @@ def grid_scan_orientations(q, k, v, source, transition, mark, orientations, *, s
             in the grid_scan convention of its own frame (the grid flipped along the axes that o flips).
         orientations: O tuples of N bools, whether each axis is flipped.
 
-    On the 2D tile kernels the flips are read through the kernels' gather indices; elsewhere the flipped grids
+    On the 2D tile kernels the flips are read through the kernels' slot table; elsewhere the flipped grids
     are stacked on the batch for one grid_scan.
     """
     batch, *sizes, heads, dk = q.shape
