@@ -23,3 +23,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request):
     """Where the fast path runs; the reference always runs on the CPU in float64."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def kernel_device():
+    """Where the Triton kernels run: CUDA where there is one, else the CPU through Triton's interpreter (CI)."""
+    from mdlrnn import kernels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not kernels.usable(device):
+        pytest.skip("Triton kernels on the CPU run in CI's interpreter (TRITON_INTERPRET=1)")
+    return device

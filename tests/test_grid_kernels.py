@@ -4,7 +4,7 @@ strides, chunk edges, zero and negative gates, torch.library registration, error
 import pytest
 import torch
 
-from mdlrnn import grid_scan, kernels, lightnet_scan
+from mdlrnn import grid_scan, kernels
 from mdlrnn.testing import grid_inputs, relative_error
 
 NAMES = ("q", "k", "v", "source", "transition", "mark", "direct")
@@ -14,12 +14,8 @@ from mdlrnn.kernels import grid1d  # noqa: E402
 
 
 @pytest.fixture
-def device():
-    """CUDA where there is one, else the CPU through Triton's interpreter (CI)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not kernels.usable(device):
-        pytest.skip("Triton kernels on the CPU run in CI's interpreter (TRITON_INTERPRET=1)")
-    return device
+def device(kernel_device):
+    return kernel_device
 
 
 def signed_inputs(batch, length, heads, dk, dv, generator, direct=True):
@@ -131,38 +127,6 @@ def test_auto_and_errors(generator, device):
     # on the CPU "auto" stays on the torch path, interpreter or not
     cpu = {k: x.float() for k, x in line.items()}
     assert torch.equal(grid_scan(**cpu), grid_scan(**cpu, backend="torch"))
-
-
-@pytest.mark.parametrize("mode,sizes", [("causal", (23,)), ("causal", (4, 5)), ("box", (19,))], ids=str)
-@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-def test_lightnet_on_the_1d_kernels(mode, sizes, rotary, generator, device):
-    """LightNet's causal mode (any grid, flattened) and 1D box mode run their scan on the 1D kernels:
-    outputs and gradients against the float64 reference, with logits large enough to need the running maxima."""
-    shape = (2, *sizes, 2, 4)
-    q, k, v = (torch.randn(*shape, generator=generator, dtype=torch.float64) for _ in range(3))
-    k = 30 * k
-    angles = torch.rand(shape, generator=generator, dtype=torch.float64) * 6 if rotary else None
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = lightnet_scan(*ref_leaves, mode=mode, angles=angles, backend="reference")
-    leaves = [x.float().to(device).requires_grad_() for x in (q, k, v)]
-    out = lightnet_scan(*leaves, mode=mode, angles=None if angles is None else angles.float().to(device),
-                        backend="triton")
-    weight = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
-    (ref * weight).sum().backward()
-    (out * weight.to(device, torch.float32)).sum().backward()
-    assert relative_error(out, ref) < 1e-5
-    for name, a, b in zip("qkv", leaves, ref_leaves):
-        assert relative_error(a.grad, b.grad) < 1e-5, name
-
-
-def test_lightnet_triton_errors(generator, device):
-    q = torch.randn(1, 3, 4, 2, 4, generator=generator).to(device)
-    with pytest.raises(ValueError, match="1D grids"):
-        lightnet_scan(q, q, q, mode="box", backend="triton")
-    with pytest.raises(ValueError, match="causal mode"):
-        lightnet_scan(q, q, q, mode="global", backend="triton")
-    with pytest.raises(TypeError, match="computes in float32; got float64"):
-        lightnet_scan(q.double(), q.double(), q.double(), mode="causal", backend="triton")
 
 
 @pytest.fixture

@@ -24,14 +24,16 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         scale: defaults to Dk ** -0.5.
         angles: optional rotary angles (B, *S, H, Dk) (or broadcastable): each channel's weights are multiplied
             by cos(angles_p[c] - angles_s[c]), the relative positional encoding (LRPE) of LightNet.
-        backend: "auto" (the torch path), "reference", "torch" or "triton" (causal mode, and box mode on 1D
-            grids: the scan on the 1D grid kernels, one head per key channel; opt-in, being slower on an H100).
+        backend: "auto" (the Triton kernels on CUDA for causal mode and box mode on 1D grids, up to 128 key
+            channels (2 Dk with angles) and 128 values per head; the torch path elsewhere), "reference", "torch"
+            or "triton".
 
     .. math::
         y_p = \text{scale} \sum_c q_p[c] \sum_{s \in R(p)} \operatorname{softmax}_{s \in R(p)}(k_s[c])
               \cos(\theta_p[c] - \theta_s[c])\, v_s
 
-    Causal and box modes run on the grid scan; large logits are handled with running maxima.
+    The torch path runs causal and box modes on the grid scan; the kernels run causal mode as linear attention
+    with decays from running maxima (mdlrnn.kernels.lightnet). Large logits are handled with running maxima.
     Returns y: (B, *S, H, Dv) in the dtype of v.
     """
     op = "lightnet_scan"
@@ -55,28 +57,28 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         return v.new_zeros(v.shape)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = compute_dtype(q)
+    channels = (1 if angles is None else 2) * q.shape[-1]  # what the kernel's q' and k' hold per head
+    if _on_kernels(op, backend, mode, q, channels, v.shape[-1], dtype):
+        from ...kernels.lightnet import lightnet_causal_triton
+
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
+        with torch.autocast(q.device.type, enabled=False):
+            return lightnet_causal_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)
     args = [q.to(dtype), k.to(dtype), v.to(dtype), mode, scale, None if angles is None else angles.to(dtype)]
     with torch.autocast(q.device.type, enabled=False):
-        features = (1 if angles is None else 2) * v.shape[-1] + 1  # what each channel's scan sums: [v (cos, sin), 1]
-        if _on_1d_kernels(op, backend, mode, q, features, dtype):
-            from ...kernels.grid1d import grid_scan_triton
-
-            return lightnet_scan_torch(*args, grid_scan=grid_scan_triton).to(v.dtype)
         return _BACKENDS["torch" if backend == "auto" else backend](*args).to(v.dtype)
 
 
-def _on_1d_kernels(op: str, backend: str, mode: str, q: torch.Tensor, features: int, dtype: torch.dtype) -> bool:
-    """Whether the scan runs on the 1D grid kernels: causal mode, or box mode on a 1D grid, in float32
-    compute, with backend="triton" (an error naming what does not fit). "auto" keeps the torch path: with one
-    scan head of Dk = 1 per key channel the 1D kernels took 442 ms forward+backward against the torch path's
-    43 ms (B=64, 196 tokens, H=3, D=64, H100), the gradient kernel 92% of it; LightNet needs its own kernel."""
+def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int, values: int,
+                dtype: torch.dtype) -> bool:
+    """Whether the Triton kernels run it: causal mode, or box mode on a 1D grid (the same thing), with up to
+    128 key channels per head (Dk, or 2 Dk with angles) and 128 values; "auto" takes them on CUDA."""
     from ... import kernels
+    from ...kernels.lightnet import MAX_DK, MAX_DV
 
-    if backend == "auto":
-        return False
-
-    fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and features <= 128
+    fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and channels <= MAX_DK and values <= MAX_DV
     unfit = None if fits else (
-        f"runs causal mode and box mode on 1D grids with up to 128 summed features per channel (Dv + 1, or "
-        f"2 Dv + 1 with angles); got mode={mode!r} on {q.dim() - 3} axes and {features} features")
+        f"runs causal mode, and box mode on 1D grids, with up to {MAX_DK} key channels per head (Dk, or 2 Dk "
+        f"with angles) and {MAX_DV} values; got mode={mode!r} on {q.dim() - 3} axes, {channels} channels and "
+        f"{values} values")
     return kernels.choose(op, backend, q.device, dtype, unfit)

@@ -1,0 +1,575 @@
+r"""Triton kernels for LightNet's causal mode: chunkwise linear attention with decays from running maxima.
+
+Per key channel c, y_p = scale sum_c q_p[c] sum_{s<=p} e^{k_s[c]} v_s / sum_{s<=p} e^{k_s[c]}. With the running
+maximum m_p = max_{s<=p} k_s and z_p = sum_{s<=p} e^{k_s - m_p} (per channel), let q'_p = scale q_p / z_p and
+k'_s = e^{k_s - m_s}. Then
+
+    y_p = sum_{s<=p} (sum_c q'_p[c] k'_s[c] e^{m_s[c] - m_p[c]}) v_s,
+
+linear attention whose per-channel decays e^{m_s - m_p} come from the maxima. The output does not depend on
+m, so m carries no gradient: the gradient reaches k through k' and z only. Every exponent is m_a - m_b with a
+before b, so every factor is <= 1 and logits of any size stay finite; a product split at a row r between s and
+p, e^{m_s - m_p} = e^{m_s - m_r} e^{m_r - m_p}, keeps both halves <= 1. (z is summed in the frame of m, never
+as log-sum-exp: a float32 log of size 200 has ulps of 1e-5, which would be the relative error of e^{m - L}.)
+
+Every pass over the sequence is split in two: programs over blocks compute what each block passes on, then one
+short sequential pass per state block carries it across blocks (loads that do not wait for the carry), so
+that no program walks the whole sequence with a tensor-core product per step.
+- prefix (blocks of PREFIX_ROWS): `_block_summary_kernel` (each block's max and sum), `_block_carry_kernel`
+  (the (m, z) entering each block), `_prefix_kernel` (m, z, q', k' per row: a scan of (m, z) pairs); backward
+  the same three for r_s = sum_{p>=s} e^{m_s - m_p} dz_p, the gradient through z, read backwards.
+- states (chunks of CHUNK): `_chunk_state_kernel` (what each chunk adds), `_state_carry_kernel` (the state
+  entering each chunk, h_c = sum_{s < c CHUNK} k'_s e^{m_s - m_{c CHUNK - 1}} v_s^T; in reverse the adjoint of the
+  state leaving each chunk, from q' and dy).
+- `_output_kernel`: 16 rows of y: the entering state, the chunk's earlier blocks as tensor-core products split
+  at their last row, and the block itself: one product split at its first row while the maxima rise by less
+  than SPREAD inside it, else one key row at a time.
+- `_gradient_kernel`: 16 rows of dq', dk' and dv: the entering state and earlier blocks for dq', the leaving
+  adjoint state and later blocks for dk' and dv, the block itself for all three.
+Rotary angles double the channels: [q' cos, q' sin] and [k' cos, k' sin], since
+cos(a_p - a_s) = cos a_p cos a_s + sin a_p sin a_s.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import empty, on_device
+
+SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
+SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
+MAX_DK = 128  # channels (2 Dk with rotary angles) and values one program holds
+MAX_DV = 128
+CHUNK = 64  # positions per chunk: states stored per chunk, and the sequential passes take one step per chunk
+
+
+@triton.jit
+def _rows(X, base, rows, valid, cols, ncols, row_stride):
+    """X[base + rows * row_stride + cols] in float32, zero outside the valid rows and columns."""
+    ptr = X + base + tl.cast(rows, tl.int64)[:, None] * row_stride + cols[None, :]
+    return tl.load(ptr, mask=valid[:, None] & (cols < ncols)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row(M, base, row, cols, ncols, row_stride):
+    """One row of m (a frame: the maxima at a block boundary)."""
+    return tl.load(M + base + tl.cast(row, tl.int64) * row_stride + cols, mask=cols < ncols, other=0.0)
+
+
+@triton.jit
+def _decay(valid, later_m, earlier_m):
+    """e^{earlier - later} on valid rows (<= 1 when the earlier frame comes first), zero elsewhere: a row past
+    the end reads m = 0, whose exponent could overflow."""
+    return tl.where(valid[:, None], tl.exp(tl.where(valid[:, None], earlier_m - later_m, 0.0)), 0.0)
+
+
+@triton.jit
+def _split(m, valid):
+    """A block's factors e^{r - m} (<= 1) and e^{m - r} (>= 1) at its first row r, and the largest rise m - r:
+    below SPREAD both factors stay well inside float32 and the block's own scores are one product
+    (q' e^{r - m}) (k' e^{m - r})^T, masked to s <= p."""
+    first = tl.min(tl.where(valid[:, None], m, float("inf")), 0)
+    rise = tl.where(valid[:, None], m - first[None, :], 0.0)
+    return tl.exp(-rise), tl.exp(rise), tl.max(tl.max(rise, 1), 0)
+
+
+@triton.jit
+def _column_decays(m, valid, M, base, row, N, cols, ncols, row_stride, SUB: tl.constexpr):
+    """Where m rises by SPREAD or more inside a block, its scores one key row s at a time: k'_s, and
+    e^{m_s - m_p} for the block's rows p >= s (zero elsewhere)."""
+    r = tl.arange(0, SUB)
+    s = row - (row // SUB) * SUB
+    m_s = tl.load(M + base + tl.cast(row, tl.int64) * row_stride + cols, mask=(cols < ncols) & (row < N), other=0.0)
+    keep = (valid & (r >= s) & (row < N))[:, None]
+    return tl.where(keep, tl.exp(tl.where(keep, m_s[None, :] - m, 0.0)), 0.0)
+
+
+@triton.jit
+def _key_row(q, m, valid, KP, M, base, i0, s, N, cols, ncols, row_stride, SUB: tl.constexpr):
+    """Key row s of a block whose maxima rise by SPREAD or more inside it: k'_s, the decays e^{m_s - m_p} of the
+    block's rows p >= s (zero elsewhere) and the scores' column s."""
+    row = i0 + s
+    k_s = _row(KP, base, row, cols, tl.where(row < N, ncols, 0), row_stride)
+    decays = _column_decays(m, valid, M, base, row, N, cols, ncols, row_stride, SUB)
+    return k_s, decays, tl.sum(q * k_s[None, :] * decays, 1)
+
+
+@triton.jit
+def _chunk_state_kernel(A, M, X, STATES, sxb, sxn, sxh, N, H, K, V, NC,
+                        BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, REVERSE: tl.constexpr,
+                        PRECISION: tl.constexpr):
+    """What chunk c adds to the state passed on (programs over chunks and blocks of the state).
+    Forward (A = k', X = v): sum_{s in c} k'_s e^{m_s - m_last} v_s^T, in the frame of the chunk's last row.
+    Reverse (A = q', X = dy): sum_{p in c} q'_p e^{m_before - m_p} dy_p^T, in the frame of the row before it."""
+    c, bh, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    col_k = (block // tl.cdiv(V, BV)) * BK + tl.arange(0, BK)
+    col_v = (block % tl.cdiv(V, BV)) * BV + tl.arange(0, BV)
+    base_k = (b * N * H + h).to(tl.int64) * K
+    rows = c * BC + tl.arange(0, BC)
+    valid = rows < N
+    a = _rows(A, base_k, rows, valid, col_k, K, H * K)
+    m = _rows(M, base_k, rows, valid, col_k, K, H * K)
+    x = _rows(X, b.to(tl.int64) * sxb + h * sxh, rows, valid, col_v, V, sxn)
+    if REVERSE:
+        before = _row(M, base_k, tl.maximum(c * BC - 1, 0), col_k, K, H * K)
+        weighted = a * _decay(valid, m, before[None, :])
+    else:
+        last = _row(M, base_k, tl.minimum(c * BC + BC, N) - 1, col_k, K, H * K)
+        weighted = a * _decay(valid, last[None, :], m)
+    out = STATES + (bh.to(tl.int64) * NC + c) * K * V + col_k[:, None] * V + col_v[None, :]
+    tl.store(out, tl.dot(tl.trans(weighted), x, input_precision=PRECISION),
+             mask=(col_k < K)[:, None] & (col_v < V)[None, :])
+
+
+@triton.jit
+def _state_carry_kernel(M, ADDED, STATES, N, H, K, V, NC, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                        REVERSE: tl.constexpr):
+    """From the chunks' contributions ADDED, one step per chunk (its loads independent of the carry and of the
+    stores, so that they run ahead; in place they would wait for each store): forward, STATES[c] = h_c, the
+    state entering chunk c (frame m_{c BC - 1}); reverse, the adjoint of the state
+    leaving chunk c (frame of its last row). A step rescales by e^{m_before - m_last} of the chunk it crosses."""
+    bh = tl.program_id(0)
+    b, h = bh // H, bh % H
+    col_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    col_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    base_k = (b * N * H + h).to(tl.int64) * K
+    at = bh.to(tl.int64) * NC * K * V + col_k[:, None] * V + col_v[None, :]
+    mask = (col_k < K)[:, None] & (col_v < V)[None, :]
+    state = tl.zeros((BK, BV), tl.float32)
+    for step in range(NC):
+        if REVERSE:
+            c = NC - 1 - step
+        else:
+            c = step
+        added = tl.load(ADDED + at + c * K * V, mask=mask, other=0.0)
+        tl.store(STATES + at + c * K * V, state, mask=mask)
+        before = _row(M, base_k, tl.maximum(c * BC - 1, 0), col_k, K, H * K)
+        last = _row(M, base_k, tl.minimum(c * BC + BC, N) - 1, col_k, K, H * K)
+        state = tl.exp(before - last)[:, None] * state + added
+
+
+@triton.jit
+def _output_kernel(QP, KP, M, V, STATES, Y, svb, svn, svh, N, H, K, DV, NC,
+                   BC: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+    i0 = tl.program_id(0) * SUB
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    c = i0 // BC
+    c0 = c * BC
+    col_k, col_v = tl.arange(0, BK), tl.arange(0, BV)
+    base_k = (b * N * H + h).to(tl.int64) * K
+    base_v = b.to(tl.int64) * svb + h * svh
+    rows_i = i0 + tl.arange(0, SUB)
+    valid_i = rows_i < N
+    q = _rows(QP, base_k, rows_i, valid_i, col_k, K, H * K)
+    m_i = _rows(M, base_k, rows_i, valid_i, col_k, K, H * K)
+
+    before = _row(M, base_k, tl.maximum(c0 - 1, 0), col_k, K, H * K)
+    state = tl.load(STATES + (bh.to(tl.int64) * NC + c) * K * DV + col_k[:, None] * DV + col_v[None, :],
+                    mask=(col_k < K)[:, None] & (col_v < DV)[None, :], other=0.0)
+    y = tl.dot(q * _decay(valid_i, m_i, before[None, :]), state, input_precision=PRECISION)
+    for j0 in range(c0, i0, SUB):  # earlier blocks of the chunk: full, split at their last row
+        rows_j = j0 + tl.arange(0, SUB)
+        full = rows_j < N
+        ref = _row(M, base_k, j0 + SUB - 1, col_k, K, H * K)
+        m_j = _rows(M, base_k, rows_j, full, col_k, K, H * K)
+        k_j = _rows(KP, base_k, rows_j, full, col_k, K, H * K) * _decay(full, ref[None, :], m_j)
+        scores = tl.dot(q * _decay(valid_i, m_i, ref[None, :]), tl.trans(k_j), input_precision=PRECISION)
+        y += tl.dot(scores, _rows(V, base_v, rows_j, full, col_v, DV, svn), input_precision=PRECISION)
+    k_i = _rows(KP, base_k, rows_i, valid_i, col_k, K, H * K)
+    down, up, rise = _split(m_i, valid_i)
+    r = tl.arange(0, SUB)
+    if rise < SPREAD:
+        scores = tl.dot(q * down, tl.trans(k_i * up), input_precision=PRECISION)
+        scores = tl.where(r[:, None] >= r[None, :], scores, 0.0)
+    else:
+        scores = tl.zeros((SUB, SUB), tl.float32)
+        for s in range(SUB):
+            _, _, column = _key_row(q, m_i, valid_i, KP, M, base_k, i0, s, N, col_k, K, H * K, SUB)
+            scores += tl.where(r[None, :] == s, column[:, None], 0.0)
+    y += tl.dot(scores, _rows(V, base_v, rows_i, valid_i, col_v, DV, svn), input_precision=PRECISION)
+    y_rows = ((b * N + rows_i).to(tl.int64) * H + h) * DV
+    tl.store(Y + y_rows[:, None] + col_v[None, :], y, mask=valid_i[:, None] & (col_v < DV)[None, :])
+
+
+@triton.jit
+def _gradient_kernel(QP, KP, M, V, DY, STATES, ADJOINTS, DQ, DK, DVOUT, svb, svn, svh, sdb, sdn, sdh,
+                     N, H, K, DV, NC, BC: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    i0 = tl.program_id(0) * SUB
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    c = i0 // BC
+    c0 = c * BC
+    end = tl.minimum(c0 + BC, N)
+    col_k, col_v = tl.arange(0, BK), tl.arange(0, BV)
+    mask_kv = (col_k < K)[:, None] & (col_v < DV)[None, :]
+    base_k = (b * N * H + h).to(tl.int64) * K
+    base_v = b.to(tl.int64) * svb + h * svh
+    base_dy = b.to(tl.int64) * sdb + h * sdh
+    rows_i = i0 + tl.arange(0, SUB)
+    valid_i = rows_i < N
+    q_i = _rows(QP, base_k, rows_i, valid_i, col_k, K, H * K)
+    k_i = _rows(KP, base_k, rows_i, valid_i, col_k, K, H * K)
+    m_i = _rows(M, base_k, rows_i, valid_i, col_k, K, H * K)
+    v_i = _rows(V, base_v, rows_i, valid_i, col_v, DV, svn)
+    dy_i = _rows(DY, base_dy, rows_i, valid_i, col_v, DV, sdn)
+    state_at = (bh.to(tl.int64) * NC + c) * K * DV + col_k[:, None] * DV + col_v[None, :]
+
+    # dq': the state entering the chunk, the chunk's earlier blocks
+    before = _row(M, base_k, tl.maximum(c0 - 1, 0), col_k, K, H * K)
+    entering = tl.load(STATES + state_at, mask=mask_kv, other=0.0)
+    dq = _decay(valid_i, m_i, before[None, :]) * tl.dot(dy_i, tl.trans(entering), input_precision=PRECISION)
+    for j0 in range(c0, i0, SUB):
+        rows_j = j0 + tl.arange(0, SUB)
+        full = rows_j < N
+        ref = _row(M, base_k, j0 + SUB - 1, col_k, K, H * K)
+        m_j = _rows(M, base_k, rows_j, full, col_k, K, H * K)
+        k_j = _rows(KP, base_k, rows_j, full, col_k, K, H * K) * _decay(full, ref[None, :], m_j)
+        dy_v = tl.dot(dy_i, tl.trans(_rows(V, base_v, rows_j, full, col_v, DV, svn)), input_precision=PRECISION)
+        dq += _decay(valid_i, m_i, ref[None, :]) * tl.dot(dy_v, k_j, input_precision=PRECISION)
+
+    # dk', dv: the adjoint of the state leaving the chunk, the chunk's later blocks (split at this block's last row)
+    last = _row(M, base_k, end - 1, col_k, K, H * K)
+    adjoint = tl.load(ADJOINTS + state_at, mask=mask_kv, other=0.0)
+    leaving = _decay(valid_i, last[None, :], m_i)
+    dk = leaving * tl.dot(v_i, tl.trans(adjoint), input_precision=PRECISION)
+    dv = tl.dot(k_i * leaving, adjoint, input_precision=PRECISION)
+    ref = _row(M, base_k, tl.minimum(i0 + SUB, N) - 1, col_k, K, H * K)
+    k_out = k_i * _decay(valid_i, ref[None, :], m_i)
+    for p0 in range(i0 + SUB, end, SUB):
+        rows_p = p0 + tl.arange(0, SUB)
+        valid_p = rows_p < N
+        q_p = _rows(QP, base_k, rows_p, valid_p, col_k, K, H * K)
+        q_p *= _decay(valid_p, _rows(M, base_k, rows_p, valid_p, col_k, K, H * K), ref[None, :])
+        dy_p = _rows(DY, base_dy, rows_p, valid_p, col_v, DV, sdn)
+        scores = tl.dot(q_p, tl.trans(k_out), input_precision=PRECISION)  # [p, s]
+        dv += tl.dot(tl.trans(scores), dy_p, input_precision=PRECISION)
+        dy_v = tl.dot(dy_p, tl.trans(v_i), input_precision=PRECISION)  # [p, s]
+        dk += _decay(valid_i, ref[None, :], m_i) * tl.dot(tl.trans(dy_v), q_p, input_precision=PRECISION)
+
+    # the block itself
+    down, up, rise = _split(m_i, valid_i)
+    r = tl.arange(0, SUB)
+    causal = r[:, None] >= r[None, :]
+    dy_v = tl.where(causal, tl.dot(dy_i, tl.trans(v_i), input_precision=PRECISION), 0.0)  # [p, s]
+    if rise < SPREAD:
+        scores = tl.where(causal, tl.dot(q_i * down, tl.trans(k_i * up), input_precision=PRECISION), 0.0)
+        dq += down * tl.dot(dy_v, k_i * up, input_precision=PRECISION)
+        dk += up * tl.dot(tl.trans(dy_v), q_i * down, input_precision=PRECISION)
+    else:
+        scores = tl.zeros((SUB, SUB), tl.float32)
+        for s in range(SUB):
+            k_s, decays, column = _key_row(q_i, m_i, valid_i, KP, M, base_k, i0, s, N, col_k, K, H * K, SUB)
+            scores += tl.where(r[None, :] == s, column[:, None], 0.0)
+            dy_v_s = tl.sum(tl.where(r[None, :] == s, dy_v, 0.0), 1)  # [p]
+            dq += dy_v_s[:, None] * k_s[None, :] * decays
+            dk += tl.where(r[:, None] == s, tl.sum(dy_v_s[:, None] * q_i * decays, 0)[None, :], 0.0)
+    dv += tl.dot(tl.trans(scores), dy_i, input_precision=PRECISION)
+
+    rows_k = ((b * N + rows_i).to(tl.int64) * H + h) * K
+    rows_v = ((b * N + rows_i).to(tl.int64) * H + h) * DV
+    mask_k = valid_i[:, None] & (col_k < K)[None, :]
+    tl.store(DQ + rows_k[:, None] + col_k[None, :], dq, mask=mask_k)
+    tl.store(DK + rows_k[:, None] + col_k[None, :], dk, mask=mask_k)
+    tl.store(DVOUT + rows_v[:, None] + col_v[None, :], dv, mask=valid_i[:, None] & (col_v < DV)[None, :])
+
+
+@triton.jit
+def _max_sum(m1, z1, m2, z2):
+    """Combines (m, z) pairs, z summing e^{k - m} in the frame of the running maximum m."""
+    m = tl.maximum(m1, m2)
+    return m, z1 * tl.exp(m1 - m) + z2 * tl.exp(m2 - m)
+
+
+@triton.jit
+def _affine(a1, b1, a2, b2):
+    """Composes x -> b1 + a1 x, then x -> b2 + a2 x."""
+    return a1 * a2, b2 + a2 * b1
+
+
+@triton.jit
+def _prefix_block(N, H, DK, BN: tl.constexpr, BK: tl.constexpr):
+    """This program's block of BN rows (all DK channels) of one (batch, head): ids, columns, rows, masks."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    rows = blk * BN + tl.arange(0, BN)
+    cols = tl.arange(0, BK)
+    valid = rows < N
+    return blk, bh, bh // H, bh % H, cols, rows, valid, valid[:, None] & (cols < DK)[None, :]
+
+
+@triton.jit
+def _block_summary_kernel(K, QP, Z, M, OUT_A, OUT_B, skb, skn, skh, N, H, DK, NB,
+                          BN: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
+    """What each block of BN rows passes on, per channel. Forward (from k): its maximum and sum e^{k - max}.
+    Reverse (from q', z and dq' in K): for r_s = dz_s + e^{m_s - m_{s+1}} r_{s+1}, the factor e^{m_first - m_next}
+    (m_next: the next block's first row) and sum_p e^{m_first - m_p} dz_p, r at the first row being
+    sum + factor r_next."""
+    blk, bh, b, h, cols, rows, valid, mask = _prefix_block(N, H, DK, BN, BK)
+    out = (bh.to(tl.int64) * NB + blk) * DK + cols
+    if REVERSE:
+        at = (b * N * H + h).to(tl.int64) * DK + tl.cast(rows, tl.int64)[:, None] * H * DK + cols[None, :]
+        dz = -tl.load(K + at, mask=mask, other=0.0) * tl.load(QP + at, mask=mask, other=0.0)
+        dz /= tl.load(Z + at, mask=mask, other=1.0)
+        m = tl.load(M + at, mask=mask, other=0.0)
+        first = _row(M, (b * N * H + h).to(tl.int64) * DK, blk * BN, cols, DK, H * DK)
+        after = tl.minimum(blk * BN + BN, N - 1)  # the next block's first row (the last block: its own last row)
+        following = _row(M, (b * N * H + h).to(tl.int64) * DK, after, cols, DK, H * DK)
+        tl.store(OUT_A + out, tl.exp(first - following), mask=cols < DK)
+        tl.store(OUT_B + out, tl.sum(_decay(valid, m, first[None, :]) * dz, 0), mask=cols < DK)
+    else:
+        rows64 = tl.cast(rows, tl.int64)[:, None]
+        k = tl.load(K + b.to(tl.int64) * skb + h * skh + rows64 * skn + cols[None, :], mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        k = tl.where((cols < DK)[None, :], k, 0.0)  # rows past the end stay -inf: nothing
+        top = tl.max(k, 0)
+        tl.store(OUT_A + out, top, mask=cols < DK)
+        tl.store(OUT_B + out, tl.sum(tl.exp(k - top[None, :]), 0), mask=cols < DK)
+
+
+@triton.jit
+def _block_carry_kernel(SUM_A, SUM_B, CARRY_A, CARRY_B, DK, NB, BK: tl.constexpr, REVERSE: tl.constexpr):
+    """The carry entering every block, one step per block (vectors only). Forward: the (max, sum) of all rows
+    before the block. Reverse: r at the first row of the next block (0 for the last)."""
+    bh = tl.program_id(0)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = cols < DK
+    carry_a = tl.full((BK,), float("-inf"), tl.float32)
+    carry_b = tl.zeros((BK,), tl.float32)
+    for step in range(NB):
+        if REVERSE:
+            blk = NB - 1 - step
+        else:
+            blk = step
+        at = (bh.to(tl.int64) * NB + blk) * DK + cols
+        tl.store(CARRY_B + at, carry_b, mask=mask)
+        a = tl.load(SUM_A + at, mask=mask, other=0.0)
+        b = tl.load(SUM_B + at, mask=mask, other=0.0)
+        if REVERSE:
+            carry_b = b + a * carry_b
+        else:
+            tl.store(CARRY_A + at, carry_a, mask=mask)
+            top = tl.maximum(carry_a, a)
+            carry_b = carry_b * tl.exp(carry_a - top) + b * tl.exp(a - top)
+            carry_a = top
+
+
+@triton.jit
+def _prefix_kernel(Q, K, CARRY_M, CARRY_Z, QP, KP, M, Z, sqb, sqn, sqh, skb, skn, skh, N, H, DK, NB, scale,
+                   BN: tl.constexpr, BK: tl.constexpr):
+    """m = cummax k, z = sum_{s<=p} e^{k_s - m_p}, k' = e^{k - m}, q' = scale q / z for one block of BN rows:
+    its (m, z) pairs scanned and joined to the carry of the rows before it."""
+    blk, bh, b, h, cols, rows, valid, mask = _prefix_block(N, H, DK, BN, BK)
+    rows64 = tl.cast(rows, tl.int64)[:, None]
+    k = tl.load(K + b.to(tl.int64) * skb + h * skh + rows64 * skn + cols[None, :], mask=mask,
+                other=float("-inf")).to(tl.float32)
+    k = tl.where((cols < DK)[None, :], k, 0.0)
+    m_block, z_block = tl.associative_scan((k, tl.full((BN, BK), 1.0, tl.float32)), 0, _max_sum)
+    carry = (bh.to(tl.int64) * NB + blk) * DK + cols
+    carry_m = tl.load(CARRY_M + carry, mask=cols < DK, other=0.0)[None, :]
+    carry_z = tl.load(CARRY_Z + carry, mask=cols < DK, other=0.0)[None, :]
+    m = tl.maximum(m_block, carry_m)
+    z = z_block * tl.exp(m_block - m) + carry_z * tl.exp(carry_m - m)
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows64 * sqn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = (b * N * H + h).to(tl.int64) * DK + rows64 * H * DK + cols[None, :]
+    tl.store(M + out, m, mask=mask)
+    tl.store(Z + out, z, mask=mask)
+    tl.store(KP + out, tl.exp(k - m), mask=mask)
+    tl.store(QP + out, scale * q / z, mask=mask)
+
+
+@triton.jit
+def _prefix_backward_kernel(QP, KP, M, Z, DQP, DKP, CARRY, DQ, DK, N, H, DK_COLS, NB, scale,
+                            BN: tl.constexpr, BK: tl.constexpr):
+    """dq = scale dq' / z; dk_s = k'_s (dk'_s + r_s), r_s = sum_{p>=s} e^{m_s - m_p} dz_p with dz = -dq' q' / z,
+    for one block of BN rows read backwards: the recurrence r_s = dz_s + e^{m_s - m_{s+1}} r_{s+1} scanned as
+    affine maps, from the carry r at the next block's first row."""
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    cols = tl.arange(0, BK)
+    rows = blk * BN + BN - 1 - tl.arange(0, BN)  # backwards
+    valid = rows < N
+    mask = valid[:, None] & (cols < DK_COLS)[None, :]
+    at = (b * N * H + h).to(tl.int64) * DK_COLS + tl.cast(rows, tl.int64)[:, None] * H * DK_COLS + cols[None, :]
+    qp = tl.load(QP + at, mask=mask, other=0.0)
+    z = tl.load(Z + at, mask=mask, other=1.0)
+    dqp = tl.load(DQP + at, mask=mask, other=0.0)
+    m = tl.load(M + at, mask=mask, other=0.0)
+    has_next = mask & (rows + 1 < N)[:, None]
+    m_next = tl.load(M + at + H * DK_COLS, mask=has_next, other=0.0)
+    decay = tl.where(has_next, tl.exp(tl.where(has_next, m - m_next, 0.0)), 1.0)
+    tl.store(DQ + at, scale * dqp / z, mask=mask)
+    a, r = tl.associative_scan((decay, -dqp * qp / z), 0, _affine)
+    carry = tl.load(CARRY + (bh.to(tl.int64) * NB + blk) * DK_COLS + cols, mask=cols < DK_COLS, other=0.0)
+    r += a * carry[None, :]
+    dkp = tl.load(DKP + at, mask=mask, other=0.0)
+    tl.store(DK + at, tl.load(KP + at, mask=mask, other=0.0) * (dkp + r), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ host side
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Tensor:
+    """The state entering (forward) or the adjoint leaving (reverse) every chunk: (B H, NC, Dk, Dv) float32."""
+    batch, length, heads, dk = a.shape
+    dv = x.shape[-1]
+    chunks = triton.cdiv(length, chunk)
+    added, states = (empty(batch * heads, chunks, dk, dv, device=a.device) for _ in range(2))
+    bk, bv = min(64, _block(dk)), min(64, _block(dv))
+    _chunk_state_kernel[(chunks, batch * heads, triton.cdiv(dk, bk) * triton.cdiv(dv, bv))](
+        a, m, x, added, *_strides(x), length, heads, dk, dv, chunks,
+        BC=chunk, BK=bk, BV=bv, REVERSE=reverse, PRECISION=precision)
+    bk, bv = min(32, _block(dk)), min(32, _block(dv))
+    _state_carry_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+        m, added, states, length, heads, dk, dv, chunks, BC=chunk, BK=bk, BV=bv, REVERSE=reverse)
+    return states
+
+
+PREFIX_ROWS = 64  # rows per block of the prefix kernels (each block a program; a carry per block between them)
+
+
+def _block_carries(k, qp, z, m, reverse: bool):
+    """Summaries of every block of PREFIX_ROWS rows, then the carry entering each: (carry_a, carry_b)."""
+    batch, length, heads, dk = m.shape if reverse else k.shape
+    blocks = triton.cdiv(length, PREFIX_ROWS)
+    sums = [empty(batch * heads, blocks, dk, device=k.device) for _ in range(2)]
+    carries = [empty(batch * heads, blocks, dk, device=k.device) for _ in range(2)]
+    _block_summary_kernel[(blocks, batch * heads)](
+        k, qp, z, m, *sums, *_strides(k), length, heads, dk, blocks,
+        BN=PREFIX_ROWS, BK=_block(dk), REVERSE=reverse)
+    _block_carry_kernel[(batch * heads, triton.cdiv(dk, 16))](*sums, *carries, dk, blocks, BK=16, REVERSE=reverse)
+    return carries
+
+
+def _prefix(q, k, scale: float):
+    """q' = scale q / z, k' = e^{k - m}, m = cummax k and z = sum_{s<=p} e^{k_s - m_p}: (B, L, H, Dk) float32 each."""
+    batch, length, heads, dk = q.shape
+    outs = [empty(batch, length, heads, dk, device=q.device) for _ in range(4)]
+    carries = _block_carries(k, k, k, k, reverse=False)
+    _prefix_kernel[(triton.cdiv(length, PREFIX_ROWS), batch * heads)](
+        q, k, *carries, *outs, *_strides(q), *_strides(k), length, heads, dk, triton.cdiv(length, PREFIX_ROWS), scale,
+        BN=PREFIX_ROWS, BK=_block(dk))
+    return outs
+
+
+def _prefix_backward(qp, kp, m, z, dqp, dkp, scale: float):
+    """dq and dk (float32) from the gradients of q' and k' (contiguous)."""
+    batch, length, heads, dk = qp.shape
+    grads = [empty(batch, length, heads, dk, device=qp.device) for _ in range(2)]
+    _, carry = _block_carries(dqp, qp, z, m, reverse=True)
+    _prefix_backward_kernel[(triton.cdiv(length, PREFIX_ROWS), batch * heads)](
+        qp, kp, m, z, dqp, dkp, carry, *grads, length, heads, dk, triton.cdiv(length, PREFIX_ROWS), scale,
+        BN=PREFIX_ROWS, BK=_block(dk))
+    return grads
+
+
+def _rotate(qp, kp, m, angles):
+    """With rotary angles the kernels see 2 Dk channels: [q' cos, q' sin], [k' cos, k' sin], [m, m]."""
+    if angles is None:
+        return qp, kp, m
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return torch.cat([qp * cos, qp * sin], -1), torch.cat([kp * cos, kp * sin], -1), torch.cat([m, m], -1)
+
+
+@torch.library.custom_op("mdlrnn::lightnet_causal", mutates_args=())
+def lightnet_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional[torch.Tensor], scale: float,
+                    chunk: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]:
+    """y (B, L, H, Dv) float32, and what the backward keeps: q', k', m, z (B, L, H, Dk) and the state entering
+    each chunk (B H, NC, Dk or 2 Dk, Dv), float32.
+
+    q, k, v: (B, L, H, D), any dtype, unit last stride; angles: None or (B, L, H, Dk) float32 contiguous."""
+    batch, length, heads, _ = q.shape
+    dv = v.shape[-1]
+    y = empty(batch, length, heads, dv, device=v.device)
+    with on_device(v.device):
+        qp, kp, m, z = _prefix(q, k, scale)
+        q_in, k_in, m_in = _rotate(qp, kp, m, angles)
+        states = _state_pass(k_in, m_in, v, chunk, False, precision)
+        _output_kernel[(triton.cdiv(length, SUB), batch * heads)](
+            q_in, k_in, m_in, v, states, y, *_strides(v), length, heads, q_in.shape[-1], dv, states.shape[1],
+            BC=chunk, SUB=SUB, BK=_block(q_in.shape[-1]), BV=_block(dv), PRECISION=precision, num_warps=4)
+    return y, qp, kp, m, z, states
+
+
+@lightnet_causal.register_fake
+def _(q, k, v, angles, scale, chunk, precision):
+    batch, length, heads, dk = q.shape
+    chunks = (length + chunk - 1) // chunk
+    channels = dk * (1 if angles is None else 2)
+    f32 = dict(dtype=torch.float32)
+    return (v.new_empty(batch, length, heads, v.shape[-1], **f32), *(q.new_empty(q.shape, **f32) for _ in range(4)),
+            v.new_empty(batch * heads, chunks, channels, v.shape[-1], **f32))
+
+
+@torch.library.custom_op("mdlrnn::lightnet_causal_backward", mutates_args=())
+def lightnet_causal_backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tensor, v: torch.Tensor,
+                             angles: Optional[torch.Tensor], states: torch.Tensor, dy: torch.Tensor, scale: float,
+                             chunk: int, precision: str) -> list[torch.Tensor]:
+    """[dq, dk, dv, d_angles] in float32 (d_angles empty without angles)."""
+    batch, length, heads, dk = qp.shape
+    dv = v.shape[-1]
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    q_in, k_in, m_in = _rotate(qp, kp, m, angles)
+    channels = q_in.shape[-1]
+    grads = [empty(batch, length, heads, n, device=v.device) for n in (channels, channels, dv)]
+    with on_device(v.device):
+        adjoints = _state_pass(q_in, m_in, dy, chunk, True, precision)
+        _gradient_kernel[(triton.cdiv(length, SUB), batch * heads)](
+            q_in, k_in, m_in, v, dy, states, adjoints, *grads, *_strides(v), *_strides(dy), length, heads, channels,
+            dv, states.shape[1], BC=chunk, SUB=SUB, BK=_block(channels), BV=_block(dv), PRECISION=precision,
+            num_warps=8)
+        dqp, dkp, d_v = grads
+        d_angles = v.new_empty(0, dtype=torch.float32)
+        if angles is not None:  # d/da of x' [cos a, sin a] . [g_cos, g_sin] = x' (g_sin cos a - g_cos sin a)
+            cos, sin = torch.cos(angles), torch.sin(angles)
+            (dq_cos, dq_sin), (dk_cos, dk_sin) = dqp.split(dk, -1), dkp.split(dk, -1)
+            d_angles = qp * (dq_sin * cos - dq_cos * sin) + kp * (dk_sin * cos - dk_cos * sin)
+            dqp, dkp = dq_cos * cos + dq_sin * sin, dk_cos * cos + dk_sin * sin
+        dq, dk = _prefix_backward(qp, kp, m, z, dqp, dkp, scale)
+    return [dq, dk, d_v, d_angles]
+
+
+@lightnet_causal_backward.register_fake
+def _(qp, kp, m, z, v, angles, states, dy, scale, chunk, precision):
+    return [torch.empty_like(qp), torch.empty_like(qp), v.new_empty(v.shape, dtype=torch.float32),
+            qp.new_empty(0) if angles is None else torch.empty_like(qp)]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, angles, scale, chunk, precision = inputs
+    _, qp, kp, m, z, states = output
+    ctx.save_for_backward(qp, kp, m, z, v, angles, states)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.scale, ctx.chunk, ctx.precision = scale, chunk, precision
+
+
+def _backward(ctx, dy, *_):
+    qp, kp, m, z, v, angles, states = ctx.saved_tensors
+    dq, dk, dv, d_angles = lightnet_causal_backward(qp, kp, m, z, v, angles, states, dy, ctx.scale, ctx.chunk,
+                                                    ctx.precision)
+    return dq, dk, dv, d_angles if angles is not None else None, None, None, None
+
+
+lightnet_causal.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lightnet_causal_triton(q, k, v, scale: float, angles=None, *, precision: str = "ieee"):
+    """LightNet's causal mode over the row-major flattening of (B, *S, H, D) inputs: y in float32."""
+    batch, heads, shape = q.shape[0], q.shape[-2], v.shape
+    flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (flat(q), flat(k), flat(v)))
+    angles = None if angles is None else flat(angles).float().contiguous()
+    return lightnet_causal(q, k, v, angles, scale, CHUNK, precision)[0].reshape(shape)

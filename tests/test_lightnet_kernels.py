@@ -1,0 +1,142 @@
+"""LightNet's causal kernels (causal mode on any grid, box mode on 1D grids) against the float64 reference:
+outputs and gradients across chunk and block edges, large logits, rotary angles, dtypes, strides, the custom
+op registration and torch.compile."""
+
+import pytest
+import torch
+
+from mdlrnn import lightnet_scan
+from mdlrnn.testing import relative_error
+
+pytest.importorskip("triton")
+from mdlrnn.kernels import lightnet as kernel  # noqa: E402
+
+
+@pytest.fixture
+def device(kernel_device):
+    return kernel_device
+
+
+def compare(shape, dv, generator, device, *, mode="causal", spread=1.0, rotary=False, dtype=torch.float32,
+            transform=lambda x: x):
+    """Relative errors of y, dq, dk, dv from backend='triton' (inputs in `dtype`, passed through `transform`)
+    against the float64 reference on the same inputs (rounded to `dtype`); logits k ~ spread * N(0, 1)."""
+    randn = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64).to(dtype).double()
+    q, k, v = randn(*shape), (spread * randn(*shape)).to(dtype).double(), randn(*shape[:-1], dv)
+    angles = (6 * torch.rand(shape, generator=generator, dtype=torch.float64)).to(dtype).double() if rotary else None
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = lightnet_scan(*ref_leaves, mode=mode, angles=angles, backend="reference")
+    leaves = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
+    out = lightnet_scan(*(transform(x) for x in leaves), mode=mode, backend="triton",
+                        angles=None if angles is None else angles.to(device, dtype))
+    assert out.dtype == dtype and out.shape == ref.shape
+    weight = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
+    (ref * weight).sum().backward()
+    (out * weight.to(device, dtype)).sum().backward()
+    errors = {"y": relative_error(out, ref)}
+    errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
+    return errors
+
+
+@pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 64, 65, 150], ids=lambda n: f"L{n}")
+def test_float32_matches_reference(length, generator, device, monkeypatch):
+    """Chunks of 32 (so that 150 positions cross four chunk edges) and blocks of 16, lengths on and off both."""
+    monkeypatch.setattr(kernel, "CHUNK", 32)
+    errors = compare((2, length, 2, 8), 5, generator, device)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("mode,sizes", [("causal", (5, 7)), ("causal", (1, 9)), ("causal", (9, 1)),
+                                        ("causal", (2, 3, 4)), ("box", (19,))], ids=str)
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_grids_and_rotary_angles(mode, sizes, rotary, generator, device):
+    """Causal mode flattens any grid; box mode on a 1D grid is causal mode; angles double the channels."""
+    errors = compare((2, *sizes, 3, 6), 7, generator, device, mode=mode, rotary=rotary)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("spread,bound", [(30.0, 1e-5), (300.0, 3e-5)])
+def test_large_logits(spread, bound, generator, device):
+    """Logits far beyond exp's float32 range: the running maxima keep every factor <= 1, finite and exact.
+    At spread 300 dk (a softmax gradient: terms of logit size cancel) reaches 1e-5 in float32, as on the torch path."""
+    errors = compare((1, 70, 2, 16), 16, generator, device, spread=spread)
+    assert max(errors.values()) < bound, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype, generator, device):
+    errors = compare((2, 40, 2, 16), 16, generator, device, dtype=dtype)
+    assert max(errors.values()) < 1e-2, errors
+
+
+def test_strided_inputs(generator, device):
+    """Slices of a fused projection and a transposed v: read in place (v) or through one float32 copy (q, k)."""
+    errors = compare((2, 33, 2, 8), 8, generator, device,
+                     transform=lambda x: torch.cat([x, x], -1)[..., : x.shape[-1]].transpose(1, 2).contiguous().transpose(1, 2))
+    assert max(errors.values()) < 1e-5, errors
+
+
+def test_heads_of_128_channels(generator, device):
+    """The widest heads one program holds: Dk = 64 with angles (128 channels), Dv = 128."""
+    errors = compare((1, 20, 1, 64), 128, generator, device, rotary=True)
+    assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+def test_custom_op_registration(rotary, generator, device):
+    randn = lambda *s: torch.randn(*s, generator=generator).to(device)
+    angles = randn(1, 20, 2, 4) if rotary else None
+    args = (randn(1, 20, 2, 4).requires_grad_(), randn(1, 20, 2, 4).requires_grad_(), randn(1, 20, 2, 3).requires_grad_(),
+            angles, 0.5, 16, "ieee")
+    checks = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.mdlrnn.lightnet_causal, args, test_utils=checks)
+    _, qp, kp, m, z, states = kernel.lightnet_causal(*(x.detach() if torch.is_tensor(x) else x for x in args))
+    torch.library.opcheck(torch.ops.mdlrnn.lightnet_causal_backward,
+                          (qp, kp, m, z, args[2].detach(), angles, states, randn(1, 20, 2, 3), 0.5, 16, "ieee"),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiles_without_graph_breaks(generator, device):
+    q, k, v = (torch.randn(2, 24, 2, 4, generator=generator).to(device).requires_grad_() for _ in range(3))
+    scan = torch.compile(lambda *xs: lightnet_scan(*xs, mode="causal", backend="triton"), fullgraph=True,
+                         backend="aot_eager")
+    out = scan(q, k, v)
+    out.sum().backward()
+    assert relative_error(out, lightnet_scan(q, k, v, mode="causal", backend="torch")) < 1e-5
+
+
+def test_auto_takes_the_kernels_on_cuda_only(generator, device, monkeypatch):
+    calls = []
+    run = kernel.lightnet_causal_triton
+    monkeypatch.setattr(kernel, "lightnet_causal_triton", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    q = torch.randn(1, 6, 1, 4, generator=generator).to(device)
+    lightnet_scan(q, q, q, mode="causal")
+    assert len(calls) == (1 if device.type == "cuda" else 0)
+
+
+def test_errors(generator, device):
+    q = torch.randn(1, 3, 4, 2, 4, generator=generator).to(device)
+    with pytest.raises(ValueError, match="box mode on 1D grids"):
+        lightnet_scan(q, q, q, mode="box", backend="triton")
+    with pytest.raises(ValueError, match="runs causal mode"):
+        lightnet_scan(q, q, q, mode="global", backend="triton")
+    wide = torch.randn(1, 5, 1, 65, generator=generator).to(device)
+    with pytest.raises(ValueError, match="130 channels"):
+        lightnet_scan(wide, wide, wide, mode="causal", angles=wide, backend="triton")
+    with pytest.raises(TypeError, match="computes in float32; got float64"):
+        lightnet_scan(q.double(), q.double(), q.double(), mode="causal", backend="triton")
+
+
+def test_gradient_of_the_angles(generator, device):
+    """Learned rotary angles: their gradient through the kernels matches the reference's."""
+    randn = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)
+    q, k, v, angles = randn(2, 37, 2, 6), 3 * randn(2, 37, 2, 6), randn(2, 37, 2, 5), 3 * randn(2, 37, 2, 6)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, angles)]
+    leaves = [x.float().to(device).requires_grad_() for x in (q, k, v, angles)]
+    ref = lightnet_scan(*ref_leaves[:3], mode="causal", angles=ref_leaves[3], backend="reference")
+    out = lightnet_scan(*leaves[:3], mode="causal", angles=leaves[3], backend="triton")
+    weight = randn(*ref.shape)
+    (ref * weight).sum().backward()
+    (out * weight.to(device, out.dtype)).sum().backward()
+    for name, a, b in zip(("q", "k", "v", "angles"), leaves, ref_leaves):
+        assert relative_error(a.grad, b.grad) < 1e-5, name
