@@ -1,7 +1,8 @@
 """The Triton grid kernels against the float64 step-by-step reference at real sizes, on the GPU.
 
 1D grids of 196 (B=64) to 16384 positions (B=2) and 2D grids of 14x14 (B=64) to 128x128 (B=2), H=3, D=64, transitions over (-1, 1) with some exactly
-zero; float32 and bfloat16 inputs; the output and every gradient. The kernels' outputs are poisoned with
+zero; float32 and bfloat16 inputs; the output and every gradient. LightNet's causal mode on the same grids
+(`--ops lightnet`). The kernels' outputs are poisoned with
 NaN before they run (kernels.POISON), so anything a kernel fails to write shows up. Bounds (DEVELOPERS'
 brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table, writes JSON
 and exits 1 on any failure.
@@ -19,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mdlrnn import grid_scan
-from mdlrnn import kernels
+from mdlrnn import grid_scan, kernels, lightnet_scan
 from mdlrnn.testing import grid_inputs, relative_error
 
 CASES = {
@@ -51,8 +51,36 @@ def check(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
         (y.double() * weight).sum().backward()
         errors = {"y": relative_error(y, ref)}
         errors.update({k: relative_error(leaves[k].grad, ref_leaves[k].grad) for k in NAMES})
-        rows.append(dict(sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""), bound=bound,
+        rows.append(dict(op="grid_scan", sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""), bound=bound,
                          errors=errors, worst=max(errors.values()), ok=max(errors.values()) < bound))
+    return rows
+
+
+def check_lightnet(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
+    """LightNet's causal mode with logits of spread 8 (the running maxima at work) and rotary angles, against
+    the float64 torch path (itself checked against the step-by-step reference to 1e-12 in the tests: the
+    reference keeps every position's region, quadratic memory at these sizes)."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, *sizes, heads, dim)
+    q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64).cuda() for _ in range(3))
+    k = 8 * k
+    angles = (6 * torch.rand(*shape, generator=gen, dtype=torch.float64)).cuda()
+    weight = torch.randn(*shape, generator=gen, dtype=torch.float64).cuda()
+    rows = []
+    for dtype, bound in BOUNDS.items():
+        rounded = [x.to(dtype).double() for x in (q, k, v)]
+        ref_leaves = [x.clone().requires_grad_() for x in rounded]
+        ref = lightnet_scan(*ref_leaves, mode="causal", angles=angles, backend="torch")
+        (ref * weight).sum().backward()
+        leaves = [x.to(dtype).requires_grad_() for x in rounded]
+        y = lightnet_scan(*leaves, mode="causal", angles=angles.to(dtype), backend="triton")
+        (y.double() * weight).sum().backward()
+        errors = {"y": relative_error(y, ref)}
+        errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
+        rows.append(dict(op="lightnet causal", sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""),
+                         bound=bound, errors=errors, worst=max(errors.values()), ok=max(errors.values()) < bound))
+        del ref, y, ref_leaves, leaves
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -61,17 +89,20 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "check_kernels.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dims", default="1,2", help="comma-separated grid dimensionalities")
+    parser.add_argument("--ops", default="grid_scan,lightnet", help="grid_scan and/or lightnet (causal mode)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
     kernels.POISON = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, H=3, D=64, outputs poisoned with NaN")
-    print(f"{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
+    print(f"{'op':>16}{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
     rows = []
-    for sizes, batch in [case for n in map(int, args.dims.split(",")) for case in CASES[n]]:
-        for row in check(sizes, batch, 3, 64, args.seed):
+    checks = {"grid_scan": check, "lightnet": check_lightnet}
+    cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
+    for op, sizes, batch in [(op, *case) for op in args.ops.split(",") for case in cases]:
+        for row in checks[op](sizes, batch, 3, 64, args.seed):
             grads = {k: e for k, e in row["errors"].items() if k != "y"}
             which = max(grads, key=grads.get)
-            print(f"{'x'.join(map(str, sizes)):>8}{batch:>4}{row['dtype']:>10}{row['errors']['y']:10.1e}"
+            print(f"{row['op']:>16}{'x'.join(map(str, sizes)):>8}{batch:>4}{row['dtype']:>10}{row['errors']['y']:10.1e}"
                   f"{grads[which]:12.1e}{which:>12}{row['bound']:8.0e}  {'yes' if row['ok'] else 'NO'}")
             rows.append(row)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))

@@ -1,12 +1,14 @@
 """GPU timing of the scan backends on pLSTM-sized grids, against scaled_dot_product_attention.
 
 For grids 14x14 (B=64) to 128x128 (B=2), H=3, D=64, bf16 inputs: forward and forward+backward time and
-peak memory of grid_scan's and lightnet_scan's (box) backends, and, in the same process, SDPA on the same
-token count. `--dims 1` times 1D grids of the same token counts (196 to 16384), with LightNet's causal
-mode, against causal SDPA.
+peak memory of grid_scan's and lightnet_scan's (causal and box) backends, and, in the same process, SDPA on the
+same token count, each op against its attention (f+b / attn): grid_scan and LightNet's box mode against SDPA,
+LightNet's causal mode against causal SDPA. `--dims 1` times 1D grids of the same token counts (196 to 16384),
+where everything is causal.
 Prints a table and writes JSON.
 
     python benchmarks/scan.py [--backends torch,triton] [--dims 1,2] [--out benchmarks/results/scan.json]
+    python benchmarks/scan.py --host --backends triton   # the host's time per step at a tiny input
 """
 
 from __future__ import annotations
@@ -56,16 +58,65 @@ def measure(run, leaves) -> dict:
     return result
 
 
+def host_ms(run, leaves, repeats: int = 200) -> float:
+    """Wall milliseconds per forward+backward of a tiny input, synchronising once: the host's time per step
+    (launches, dispatch, Python), which bounds every size whose GPU time is smaller."""
+    def step():
+        run().float().square().mean().backward()
+        for x in leaves:
+            x.grad = None
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def host_table(backends: list[str]) -> list[dict]:
+    """Host time per forward+backward at B=1, 64 tokens (an 8x8 grid), H=3, D=64, bf16."""
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    make = lambda *shape: torch.rand(1, 8, 8, 3, *shape, device=device).to(dtype).requires_grad_()
+    q, k, v = make(64), make(64), make(64)
+    gates = dict(source=make(2), transition=make(2, 2), mark=make(2), direct=make())
+    sq, sk, sv = (torch.randn(1, 3, 64, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    runs = {"sdpa causal": (lambda: F.scaled_dot_product_attention(sq, sk, sv, is_causal=True), [sq, sk, sv])}
+    for backend in backends:
+        runs[f"grid_scan[{backend}]"] = (lambda b=backend: grid_scan(q, k, v, **gates, backend=b),
+                                         [q, k, v, *gates.values()])
+        runs[f"lightnet causal[{backend}]"] = (
+            lambda b=backend: lightnet_scan(q, k, v, mode="causal", backend=b), [q, k, v])
+    print(f"{'op':<24}{'host ms per f+b (B=1, 8x8)':>28}")
+    rows = []
+    for name, (run, leaves) in runs.items():
+        ms = host_ms(run, leaves)
+        print(f"{name:<24}{ms:28.3f}")
+        rows.append(dict(op=name, host_ms=ms))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", default="torch", help="comma-separated grid_scan backends")
     parser.add_argument("--dims", default="2", help="comma-separated grid dimensionalities (1 and/or 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scan.json")
+    parser.add_argument("--host", action="store_true", help="only the host time per step at a tiny input")
     args = parser.parse_args()
+    if args.host:
+        print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+        rows = host_table(args.backends.split(","))
+        meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+        print(f"wrote {args.out}")
+        return
     device, dtype, heads, dim = torch.device("cuda"), torch.bfloat16, 3, 64
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, H={heads}, D={dim}")
-    print(f"{'op':<24}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / SDPA':>12}")
+    print(f"{'op':<24}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / attn':>12}")
     cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
     for sizes, batch in cases:
         lead, n = (batch, *sizes, heads), len(sizes)
@@ -74,27 +125,33 @@ def main():
         gates = dict(source=make(n), transition=make(n, n, scale=1 / n), mark=make(n), direct=make())
         tokens = math.prod(sizes)
         sq, sk, sv = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-        causal = n == 1  # a 1D scan sees the past only: compare with causal attention
-        runs = {"sdpa": (lambda: F.scaled_dot_product_attention(sq, sk, sv, is_causal=causal), [sq, sk, sv])}
-        lightnet_mode = "causal" if n == 1 else "box"
+        # each op against its attention: a 1D scan and LightNet's causal mode see the past only (causal SDPA)
+        runs = {"sdpa": (lambda: F.scaled_dot_product_attention(sq, sk, sv, is_causal=n == 1), [sq, sk, sv], None),
+                "sdpa causal": (lambda: F.scaled_dot_product_attention(sq, sk, sv, is_causal=True), [sq, sk, sv], None)}
+        if n == 1:
+            del runs["sdpa causal"]
+        causal_baseline = "sdpa" if n == 1 else "sdpa causal"
         for backend in args.backends.split(","):
-            runs[f"grid_scan[{backend}]"] = (lambda b=backend: grid_scan(q, k, v, **gates, backend=b), [q, k, v, *gates.values()])
-            if backend != "triton" or n == 1:  # 2D box mode has no Triton path yet
-                runs[f"lightnet {lightnet_mode}[{backend}]"] = (
-                    lambda b=backend: lightnet_scan(q, k, v, mode=lightnet_mode, backend=b), [q, k, v])
+            runs[f"grid_scan[{backend}]"] = (lambda b=backend: grid_scan(q, k, v, **gates, backend=b),
+                                             [q, k, v, *gates.values()], "sdpa")
+            runs[f"lightnet causal[{backend}]"] = (
+                lambda b=backend: lightnet_scan(q, k, v, mode="causal", backend=b), [q, k, v], causal_baseline)
+            if n > 1 and backend != "triton":  # 2D box mode has no Triton path yet
+                runs[f"lightnet box[{backend}]"] = (
+                    lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v], "sdpa")
         results = {}
-        for name, (run, leaves) in runs.items():
+        for name, (run, leaves, _) in runs.items():
             try:
                 results[name] = measure(run, leaves)
             except torch.OutOfMemoryError:
                 results[name] = dict(forward_ms=float("nan"), forward_backward_ms=float("nan"), peak_mib=float("nan"))
             torch.cuda.empty_cache()
-        sdpa = results["sdpa"]["forward_backward_ms"]
         for name, r in results.items():
-            ratio = r["forward_backward_ms"] / sdpa
+            baseline = runs[name][2] or name
+            ratio = r["forward_backward_ms"] / results[baseline]["forward_backward_ms"]
             print(f"{name:<24}{'x'.join(map(str, sizes)):>10}{batch:>4}{r['forward_ms']:10.2f}{r['forward_backward_ms']:10.2f}"
                   f"{r['peak_mib']:10.0f}{ratio:11.1f}x")
-            rows.append(dict(op=name, sizes=sizes, batch=batch, **r, forward_backward_vs_sdpa=ratio))
+            rows.append(dict(op=name, sizes=sizes, batch=batch, **r, baseline=baseline, forward_backward_vs_baseline=ratio))
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 dtype="bfloat16", heads=heads, dim=dim)
     args.out.parent.mkdir(parents=True, exist_ok=True)
