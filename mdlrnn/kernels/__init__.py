@@ -48,6 +48,16 @@ def choose(op: str, backend: str, device: torch.device, dtype: torch.dtype, unfi
     return True
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division for launch grids. Not triton.cdiv: in recent Triton it and triton.next_power_of_2 are
+    constexpr functions costing microseconds a call, and a step of the kernels makes dozens of such calls."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

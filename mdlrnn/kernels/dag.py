@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import on_device
+from . import cdiv, next_power_of_2, on_device
 
 
 @triton.jit
@@ -110,14 +110,14 @@ def _launch(heads: int, dk: int, dv: int, device: torch.device) -> tuple[tuple[i
     """Grid and tile sizes: state blocks of up to 16 x 16, halved on a GPU until there are programs for most
     of its multiprocessors (the interpreter runs programs one by one), and as many edges per step as keep a
     tile near 2048 elements."""
-    block_k, block_v = min(triton.next_power_of_2(dk), 16), min(triton.next_power_of_2(dv), 16)
-    while device.type == "cuda" and heads * triton.cdiv(dk, block_k) * triton.cdiv(dv, block_v) < 128 and max(block_k, block_v) > 4:
+    block_k, block_v = min(next_power_of_2(dk), 16), min(next_power_of_2(dv), 16)
+    while device.type == "cuda" and heads * cdiv(dk, block_k) * cdiv(dv, block_v) < 128 and max(block_k, block_v) > 4:
         if block_k >= block_v:
             block_k //= 2
         else:
             block_v //= 2
     block_e = max(1, min(128, 2048 // (block_k * block_v)))
-    grid = (heads, triton.cdiv(dk, block_k), triton.cdiv(dv, block_v))
+    grid = (heads, cdiv(dk, block_k), cdiv(dv, block_v))
     return grid, dict(BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_V=block_v)
 
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import empty, on_device
+from . import cdiv, empty, next_power_of_2, on_device
 
 
 @triton.jit
@@ -220,7 +220,7 @@ def _gradient_kernel(Q, K, V, T, S, M, D, STATES, D_STATES, DY, DQ, DK_OUT, DV_O
 # ------------------------------------------------------------------------------------------ host side
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -241,16 +241,16 @@ def grid_scan_1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
     """
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
-    chunks = triton.cdiv(length, chunk)
+    chunks = cdiv(length, chunk)
     states = empty(batch, heads, chunks, dk, dv, device=q.device)
     y = empty(batch, length, heads, dv, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
     precision = _precision(q)
     with on_device(q.device):
-        _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+        _pass_kernel[(batch * heads, cdiv(dk, bk), cdiv(dv, bv))](
             k, v, transition, source, states, *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
             BC=chunk, BK=bk, BV=bv, REVERSE=False, PRECISION=precision)
-        _output_kernel[(batch * heads, chunks, triton.cdiv(dv, bv))](
+        _output_kernel[(batch * heads, chunks, cdiv(dv, bv))](
             q, k, v, transition, source, mark, direct if direct is not None else source, states, y,
             *_strides(q), *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
             BC=chunk, BK=_block(dk), BV=bv, HAS_DIRECT=direct is not None, PRECISION=precision)
@@ -281,7 +281,7 @@ def grid_scan_1d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sou
     gates = [empty(*source.shape, device=q.device) for _ in range(3)]
     d_direct = empty(*source.shape, device=q.device) if direct is not None else source.new_empty(0)
     with on_device(q.device):
-        _pass_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+        _pass_kernel[(batch * heads, cdiv(dk, bk), cdiv(dv, bv))](
             q, dy, transition, mark, d_states, *_strides(q), *_strides(dy), length, heads, dk, dv, chunks, scale,
             BC=chunk, BK=bk, BV=bv, REVERSE=True, PRECISION=precision)
         _gradient_kernel[(batch * heads, chunks)](

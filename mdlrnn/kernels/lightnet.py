@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import empty, on_device
+from . import cdiv, empty, next_power_of_2, on_device
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
@@ -414,7 +414,7 @@ def _prefix_backward_kernel(QP, KP, M, Z, DQP, DKP, CARRY, DQ, DK, N, H, DK_COLS
 # ------------------------------------------------------------------------------------------ host side
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -425,14 +425,14 @@ def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Ten
     """The state entering (forward) or the adjoint leaving (reverse) every chunk: (B H, NC, Dk, Dv) float32."""
     batch, length, heads, dk = a.shape
     dv = x.shape[-1]
-    chunks = triton.cdiv(length, chunk)
+    chunks = cdiv(length, chunk)
     added, states = (empty(batch * heads, chunks, dk, dv, device=a.device) for _ in range(2))
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
-    _chunk_state_kernel[(chunks, batch * heads, triton.cdiv(dk, bk) * triton.cdiv(dv, bv))](
+    _chunk_state_kernel[(chunks, batch * heads, cdiv(dk, bk) * cdiv(dv, bv))](
         a, m, x, added, *_strides(x), length, heads, dk, dv, chunks,
         BC=chunk, BK=bk, BV=bv, REVERSE=reverse, PRECISION=precision)
     bk, bv = min(32, _block(dk)), min(32, _block(dv))
-    _state_carry_kernel[(batch * heads, triton.cdiv(dk, bk), triton.cdiv(dv, bv))](
+    _state_carry_kernel[(batch * heads, cdiv(dk, bk), cdiv(dv, bv))](
         m, added, states, length, heads, dk, dv, chunks, BC=chunk, BK=bk, BV=bv, REVERSE=reverse)
     return states
 
@@ -443,13 +443,13 @@ PREFIX_ROWS = 64  # rows per block of the prefix kernels (each block a program; 
 def _block_carries(k, qp, z, m, reverse: bool):
     """Summaries of every block of PREFIX_ROWS rows, then the carry entering each: (carry_a, carry_b)."""
     batch, length, heads, dk = m.shape if reverse else k.shape
-    blocks = triton.cdiv(length, PREFIX_ROWS)
+    blocks = cdiv(length, PREFIX_ROWS)
     sums = [empty(batch * heads, blocks, dk, device=k.device) for _ in range(2)]
     carries = [empty(batch * heads, blocks, dk, device=k.device) for _ in range(2)]
     _block_summary_kernel[(blocks, batch * heads)](
         k, qp, z, m, *sums, *_strides(k), length, heads, dk, blocks,
         BN=PREFIX_ROWS, BK=_block(dk), REVERSE=reverse)
-    _block_carry_kernel[(batch * heads, triton.cdiv(dk, 16))](*sums, *carries, dk, blocks, BK=16, REVERSE=reverse)
+    _block_carry_kernel[(batch * heads, cdiv(dk, 16))](*sums, *carries, dk, blocks, BK=16, REVERSE=reverse)
     return carries
 
 
@@ -458,8 +458,8 @@ def _prefix(q, k, scale: float):
     batch, length, heads, dk = q.shape
     outs = [empty(batch, length, heads, dk, device=q.device) for _ in range(4)]
     carries = _block_carries(k, k, k, k, reverse=False)
-    _prefix_kernel[(triton.cdiv(length, PREFIX_ROWS), batch * heads)](
-        q, k, *carries, *outs, *_strides(q), *_strides(k), length, heads, dk, triton.cdiv(length, PREFIX_ROWS), scale,
+    _prefix_kernel[(cdiv(length, PREFIX_ROWS), batch * heads)](
+        q, k, *carries, *outs, *_strides(q), *_strides(k), length, heads, dk, cdiv(length, PREFIX_ROWS), scale,
         BN=PREFIX_ROWS, BK=_block(dk))
     return outs
 
@@ -469,8 +469,8 @@ def _prefix_backward(qp, kp, m, z, dqp, dkp, scale: float):
     batch, length, heads, dk = qp.shape
     grads = [empty(batch, length, heads, dk, device=qp.device) for _ in range(2)]
     _, carry = _block_carries(dqp, qp, z, m, reverse=True)
-    _prefix_backward_kernel[(triton.cdiv(length, PREFIX_ROWS), batch * heads)](
-        qp, kp, m, z, dqp, dkp, carry, *grads, length, heads, dk, triton.cdiv(length, PREFIX_ROWS), scale,
+    _prefix_backward_kernel[(cdiv(length, PREFIX_ROWS), batch * heads)](
+        qp, kp, m, z, dqp, dkp, carry, *grads, length, heads, dk, cdiv(length, PREFIX_ROWS), scale,
         BN=PREFIX_ROWS, BK=_block(dk))
     return grads
 
@@ -498,7 +498,7 @@ def lightnet_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: O
         qp, kp, m, z = _prefix(q, k, scale)
         q_in, k_in, m_in = _rotate(qp, kp, m, angles)
         states = _state_pass(k_in, m_in, v, chunk, False, precision)
-        _output_kernel[(triton.cdiv(length, SUB), batch * heads)](
+        _output_kernel[(cdiv(length, SUB), batch * heads)](
             q_in, k_in, m_in, v, states, y, *_strides(v), length, heads, q_in.shape[-1], dv, states.shape[1],
             BC=chunk, SUB=SUB, BK=_block(q_in.shape[-1]), BV=_block(dv), PRECISION=precision, num_warps=4)
     return y, qp, kp, m, z, states
@@ -527,7 +527,7 @@ def lightnet_causal_backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor
     grads = [empty(batch, length, heads, n, device=v.device) for n in (channels, channels, dv)]
     with on_device(v.device):
         adjoints = _state_pass(q_in, m_in, dy, chunk, True, precision)
-        _gradient_kernel[(triton.cdiv(length, SUB), batch * heads)](
+        _gradient_kernel[(cdiv(length, SUB), batch * heads)](
             q_in, k_in, m_in, v, dy, states, adjoints, *grads, *_strides(v), *_strides(dy), length, heads, channels,
             dv, states.shape[1], BC=chunk, SUB=SUB, BK=_block(channels), BV=_block(dv), PRECISION=precision,
             num_warps=8)

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ..ops.grid.chunk import TorchTiles
 from ..ops.grid.plan import tile_shape, wavefront
-from . import empty, on_device
+from . import cdiv, empty, next_power_of_2, on_device
 
 
 @triton.jit
@@ -371,7 +371,7 @@ def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, LAM, DS, DT, DM, DD
 
 
 def _block(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+    return max(16, next_power_of_2(n))
 
 
 def _precision(x: torch.Tensor) -> str:
@@ -440,7 +440,7 @@ def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch
     y = rows.outputs(dv, q.device)
     bv = min(64, _block(dv))
     with on_device(q.device):
-        _readout_kernel[(rows.count, triton.cdiv(size, BLOCK_P), triton.cdiv(dv, bv))](
+        _readout_kernel[(rows.count, cdiv(size, BLOCK_P), cdiv(dv, bv))](
             q, k, v, weights, entering if entering is not None else weights, y, rows.slots,
             *_strides(q), *_strides(k), *_strides(v), scale, *rows.args(), rows.positions, size, width - size,
             width, dk, dv, BP=BLOCK_P, BS=BLOCK_P, BK=_block(dk), BV=bv, HAS_BORDER=entering is not None,
@@ -456,7 +456,7 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
     dq, dk_, dv_ = rows.outputs(dk, q.device), rows.outputs(dk, q.device), rows.outputs(dv, q.device)
     d_weights = torch.zeros(rows.count, size, width, device=q.device)  # W[p, s] for s after p is never read: zero
     d_entering = empty(rows.count, border, dk, dv, device=q.device) if entering is not None else None
-    blocks, common = triton.cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q))
+    blocks, common = cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q))
     qkv = (*_strides(q), *_strides(k), *_strides(v))
     bv = min(64, _block(dv))
     with on_device(q.device):
@@ -468,7 +468,7 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
             *rows.args(), rows.positions, size, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
             HAS_BORDER=entering is not None, **common)
         if entering is not None:
-            _outer_sums_kernel[(rows.count, border, triton.cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
+            _outer_sums_kernel[(rows.count, border, cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
                 width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
                 PRECISION=_precision(q))
@@ -482,7 +482,7 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     u = empty(rows.count, border, dk, dv, device=k.device)
     bv = min(64, _block(dv))
     with on_device(k.device):
-        _outer_sums_kernel[(rows.count, border, triton.cdiv(dv, bv))](
+        _outer_sums_kernel[(rows.count, border, cdiv(dv, bv))](
             k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
             rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, PRECISION=_precision(k))
     return u
@@ -493,7 +493,7 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
     `accumulate`. du: (R, E, Dk, Dv) float32 contiguous."""
     border, width = exits.shape[1], exits.shape[-1]
     with on_device(k.device):
-        _exits_backward_kernel[(rows.count, triton.cdiv(rows.size, BLOCK_P))](
+        _exits_backward_kernel[(rows.count, cdiv(rows.size, BLOCK_P))](
             k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args(),
             rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=BLOCK_P, BK=_block(k.shape[-1]),
             BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k))
@@ -523,7 +523,7 @@ def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int]
     weights = empty(rows.count, positions, width, device=device)
     exits = empty(rows.count, border, width, device=device)
     with on_device(device):
-        _transfer_kernel[(rows.count, triton.cdiv(width, TRANSFER_COLUMNS))](
+        _transfer_kernel[(rows.count, cdiv(width, TRANSFER_COLUMNS))](
             source, transition, mark, direct if direct is not None else source, _ranks(tile, device), rows.slots,
             phi, weights, exits, *_gate_strides(source), *_gate_strides(transition), *_gate_strides(mark),
             *(_strides(direct) if direct is not None else (0, 0, 0)), *rows.args(), c0, c1, positions, width,
@@ -536,7 +536,7 @@ def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tupl
     device, (c0, c1) = mark.device, tile
     positions = c0 * c1
     width = positions + c0 + c1
-    blocks = triton.cdiv(width, TRANSFER_COLUMNS)
+    blocks = cdiv(width, TRANSFER_COLUMNS)
     parts = lambda f: empty(blocks, rows.batch, rows.positions, rows.orientations, rows.heads, f, device=device)
     d_source, d_transition, d_mark = parts(2), parts(4), parts(2)
     d_direct = parts(1) if has_direct else None
