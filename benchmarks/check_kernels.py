@@ -1,13 +1,13 @@
 """The Triton grid kernels against the float64 step-by-step reference at real sizes, on the GPU.
 
-1D grids of 196 (B=64) to 16384 positions (B=2) and 2D grids of 14x14 (B=64) to 128x128 (B=2), H=3, D=64, transitions over (-1, 1) with some exactly
-zero; float32 and bfloat16 inputs; the output and every gradient. LightNet's causal mode on the same grids
-(`--ops lightnet`). The kernels' outputs are poisoned with
-NaN before they run (kernels.POISON), so anything a kernel fails to write shows up. Bounds (DEVELOPERS'
-brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table, writes JSON
-and exits 1 on any failure.
+1D grids of 196 (B=64) to 16384 positions (B=2) and 2D grids of 14x14 (B=64) to 128x128 (B=2), H=3, D=64,
+transitions over (-1, 1) with some exactly zero; float32 and bfloat16 inputs; the output and every gradient.
+LightNet's causal mode on the same grids (`--ops lightnet`; its reference is the float64 torch path). The kernels'
+outputs are poisoned with NaN before they run (kernels.POISON), so anything a kernel fails to write shows up.
+Bounds (DEVELOPERS' brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table,
+writes JSON and exits 1 on any failure.
 
-    python benchmarks/check_kernels.py [--dims 1,2] [--out benchmarks/results/check_kernels.json]
+    python benchmarks/check_kernels.py [--dims 1,2] [--ops grid_scan,lightnet] [--out benchmarks/results/check_kernels.json]
 """
 
 from __future__ import annotations
