@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, empty, next_power_of_2, on_device
+from . import cdiv, empty, next_power_of_2, on_device, run
 
 
 @triton.jit
@@ -232,8 +232,7 @@ def _precision(q: torch.Tensor) -> str:
     return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
-@torch.library.custom_op("mdlrnn::grid_scan_1d", mutates_args=())
-def grid_scan_1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
+def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
                  mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """y (B, L, H, Dv) float32 and the state entering each chunk (B, H, NC, Dk, Dv) float32.
 
@@ -257,6 +256,9 @@ def grid_scan_1d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
     return y, states
 
 
+grid_scan_1d = torch.library.custom_op("mdlrnn::grid_scan_1d", _scan, mutates_args=())
+
+
 @grid_scan_1d.register_fake
 def _(q, k, v, source, transition, mark, direct, scale, chunk):
     batch, length, heads, dk = q.shape
@@ -265,8 +267,7 @@ def _(q, k, v, source, transition, mark, direct, scale, chunk):
             q.new_empty(batch, heads, chunks, dk, v.shape[-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("mdlrnn::grid_scan_1d_backward", mutates_args=())
-def grid_scan_1d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
+def _scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
                           transition: torch.Tensor, mark: torch.Tensor, direct: Optional[torch.Tensor],
                           states: torch.Tensor, dy: torch.Tensor, scale: float, chunk: int) -> list[torch.Tensor]:
     """[dq, dk, dv, d_source, d_transition, d_mark, d_direct] in float32 (d_direct empty without direct)."""
@@ -293,6 +294,9 @@ def grid_scan_1d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sou
     return [*grads, d_source, d_transition, d_mark, d_direct]
 
 
+grid_scan_1d_backward = torch.library.custom_op("mdlrnn::grid_scan_1d_backward", _scan_backward, mutates_args=())
+
+
 @grid_scan_1d_backward.register_fake
 def _(q, k, v, source, transition, mark, direct, states, dy, scale, chunk):
     f32 = dict(dtype=torch.float32)
@@ -305,17 +309,29 @@ def _setup_context(ctx, inputs, output):
     q, k, v, source, transition, mark, direct, scale, chunk = inputs
     ctx.save_for_backward(q, k, v, source, transition, mark, direct, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient made for the states
     ctx.scale, ctx.chunk = scale, chunk
 
 
-def _backward(ctx, dy, _d_states):
+def _gradients(ctx, dy, backward):
     q, k, v, source, transition, mark, direct, states = ctx.saved_tensors
-    dq, dk, dv, ds, dt, dm, dd = grid_scan_1d_backward(q, k, v, source, transition, mark, direct, states, dy,
-                                                       ctx.scale, ctx.chunk)
+    dq, dk, dv, ds, dt, dm, dd = backward(q, k, v, source, transition, mark, direct, states, dy, ctx.scale, ctx.chunk)
     return dq, dk, dv, ds, dt, dm, dd if direct is not None else None, None, None
 
 
-grid_scan_1d.register_autograd(_backward, setup_context=_setup_context)
+grid_scan_1d.register_autograd(lambda ctx, dy, _: _gradients(ctx, dy, grid_scan_1d_backward),
+                               setup_context=_setup_context)
+
+
+class GridScan1D(torch.autograd.Function):
+    """mdlrnn::grid_scan_1d for eager calls (kernels.run): the same forward, context and backward."""
+
+    forward = staticmethod(_scan)
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, _):
+        return _gradients(ctx, dy, _scan_backward)
 
 
 def grid_scan_triton(q, k, v, source, transition, mark, direct, scale: float, chunk: int = 64) -> torch.Tensor:
@@ -327,4 +343,4 @@ def grid_scan_triton(q, k, v, source, transition, mark, direct, scale: float, ch
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     gates = [g.reshape(*g.shape[:3]).float().contiguous() for g in (source, transition, mark)]
     direct = None if direct is None else direct.float().contiguous()
-    return grid_scan_1d(q, k, v, *gates, direct, scale, chunk)[0]
+    return run(grid_scan_1d, GridScan1D, q, k, v, *gates, direct, scale, chunk)[0]

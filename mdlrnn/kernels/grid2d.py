@@ -20,6 +20,7 @@ import torch
 
 from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
+from . import run
 from .tiles import (Rows, TritonTiles, exit_states, exits_backward, readout, readout_backward, transfer,
                     transfer_backward)
 
@@ -69,8 +70,7 @@ def _orientations_summed(x: torch.Tensor) -> torch.Tensor:
     return x.sum(2) if x.shape[2] > 1 else x.squeeze(2)
 
 
-@torch.library.custom_op("mdlrnn::grid_scan_2d", mutates_args=())
-def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
+def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
                  mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float, orientations: list[int]
                  ) -> torch.Tensor:
     """y (B, X, Y, H, Dv) float32.
@@ -81,6 +81,9 @@ def grid_scan_2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torc
     the orientations' scans, each at the original positions."""
     with torch.autocast(q.device.type, enabled=False):  # the torch steps in here stay in float32
         return _forward(q, k, v, source, transition, mark, direct, scale, tuple(orientations))
+
+
+grid_scan_2d = torch.library.custom_op("mdlrnn::grid_scan_2d", _scan, mutates_args=())
 
 
 def _entering(k3, v3, exits, rows: Rows, plan: TilePlan) -> Optional[torch.Tensor]:
@@ -107,13 +110,15 @@ def _(q, k, v, source, transition, mark, direct, scale, orientations):
     return q.new_empty(*q.shape[:-1], v.shape[-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("mdlrnn::grid_scan_2d_backward", mutates_args=())
-def grid_scan_2d_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
+def _scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor,
                           transition: torch.Tensor, mark: torch.Tensor, direct: Optional[torch.Tensor],
                           dy: torch.Tensor, scale: float, orientations: list[int]) -> list[torch.Tensor]:
     """[dq, dk, dv, d_source, d_transition, d_mark, d_direct] in float32 (d_direct empty without direct)."""
     with torch.autocast(q.device.type, enabled=False):  # backward may run under the caller's autocast
         return _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, tuple(orientations))
+
+
+grid_scan_2d_backward = torch.library.custom_op("mdlrnn::grid_scan_2d_backward", _scan_backward, mutates_args=())
 
 
 def _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, orientations):
@@ -152,10 +157,26 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.orientations = scale, orientations
 
 
-def _backward(ctx, dy):
+def _gradients(ctx, dy, backward):
     inputs = ctx.saved_tensors
-    grads = grid_scan_2d_backward(*inputs, dy, ctx.scale, ctx.orientations)
+    grads = backward(*inputs, dy, ctx.scale, ctx.orientations)
     return *grads[:6], grads[6] if inputs[6] is not None else None, None, None
 
 
-grid_scan_2d.register_autograd(_backward, setup_context=_setup_context)
+grid_scan_2d.register_autograd(lambda ctx, dy: _gradients(ctx, dy, grid_scan_2d_backward), setup_context=_setup_context)
+
+
+class GridScan2D(torch.autograd.Function):
+    """mdlrnn::grid_scan_2d for eager calls (kernels.run): the same forward, context and backward."""
+
+    forward = staticmethod(_scan)
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gradients(ctx, dy, _scan_backward)
+
+
+def grid_scan_2d_triton(q, k, v, source, transition, mark, direct, scale: float, orientations: list[int]):
+    """mdlrnn::grid_scan_2d, or its autograd.Function outside torch.compile: y (B, X, Y, H, Dv) float32."""
+    return run(grid_scan_2d, GridScan2D, q, k, v, source, transition, mark, direct, scale, orientations)

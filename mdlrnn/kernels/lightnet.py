@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, empty, next_power_of_2, on_device
+from . import cdiv, empty, next_power_of_2, on_device, run
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
@@ -194,7 +194,7 @@ def _output_kernel(QP, KP, M, V, STATES, Y, svb, svn, svh, N, H, K, DV, NC,
             scores += tl.where(r[None, :] == s, column[:, None], 0.0)
     y += tl.dot(scores, _rows(V, base_v, rows_i, valid_i, col_v, DV, svn), input_precision=PRECISION)
     y_rows = ((b * N + rows_i).to(tl.int64) * H + h) * DV
-    tl.store(Y + y_rows[:, None] + col_v[None, :], y, mask=valid_i[:, None] & (col_v < DV)[None, :])
+    tl.store(Y + y_rows[:, None] + col_v[None, :], y.to(Y.dtype.element_ty), mask=valid_i[:, None] & (col_v < DV)[None, :])
 
 
 @triton.jit
@@ -277,7 +277,8 @@ def _gradient_kernel(QP, KP, M, V, DY, STATES, ADJOINTS, DQ, DK, DVOUT, svb, svn
     mask_k = valid_i[:, None] & (col_k < K)[None, :]
     tl.store(DQ + rows_k[:, None] + col_k[None, :], dq, mask=mask_k)
     tl.store(DK + rows_k[:, None] + col_k[None, :], dk, mask=mask_k)
-    tl.store(DVOUT + rows_v[:, None] + col_v[None, :], dv, mask=valid_i[:, None] & (col_v < DV)[None, :])
+    tl.store(DVOUT + rows_v[:, None] + col_v[None, :], dv.to(DVOUT.dtype.element_ty),
+             mask=valid_i[:, None] & (col_v < DV)[None, :])
 
 
 @triton.jit
@@ -403,12 +404,12 @@ def _prefix_backward_kernel(QP, KP, M, Z, DQP, DKP, CARRY, DQ, DK, N, H, DK_COLS
     has_next = mask & (rows + 1 < N)[:, None]
     m_next = tl.load(M + at + H * DK_COLS, mask=has_next, other=0.0)
     decay = tl.where(has_next, tl.exp(tl.where(has_next, m - m_next, 0.0)), 1.0)
-    tl.store(DQ + at, scale * dqp / z, mask=mask)
+    tl.store(DQ + at, (scale * dqp / z).to(DQ.dtype.element_ty), mask=mask)
     a, r = tl.associative_scan((decay, -dqp * qp / z), 0, _affine)
     carry = tl.load(CARRY + (bh.to(tl.int64) * NB + blk) * DK_COLS + cols, mask=cols < DK_COLS, other=0.0)
     r += a * carry[None, :]
     dkp = tl.load(DKP + at, mask=mask, other=0.0)
-    tl.store(DK + at, tl.load(KP + at, mask=mask, other=0.0) * (dkp + r), mask=mask)
+    tl.store(DK + at, (tl.load(KP + at, mask=mask, other=0.0) * (dkp + r)).to(DK.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -464,10 +465,10 @@ def _prefix(q, k, scale: float):
     return outs
 
 
-def _prefix_backward(qp, kp, m, z, dqp, dkp, scale: float):
-    """dq and dk (float32) from the gradients of q' and k' (contiguous)."""
+def _prefix_backward(qp, kp, m, z, dqp, dkp, scale: float, dtype: torch.dtype):
+    """dq and dk (in `dtype`) from the gradients of q' and k' (contiguous)."""
     batch, length, heads, dk = qp.shape
-    grads = [empty(batch, length, heads, dk, device=qp.device) for _ in range(2)]
+    grads = [empty(batch, length, heads, dk, device=qp.device, dtype=dtype) for _ in range(2)]
     _, carry = _block_carries(dqp, qp, z, m, reverse=True)
     _prefix_backward_kernel[(cdiv(length, PREFIX_ROWS), batch * heads)](
         qp, kp, m, z, dqp, dkp, carry, *grads, length, heads, dk, cdiv(length, PREFIX_ROWS), scale,
@@ -483,17 +484,16 @@ def _rotate(qp, kp, m, angles):
     return torch.cat([qp * cos, qp * sin], -1), torch.cat([kp * cos, kp * sin], -1), torch.cat([m, m], -1)
 
 
-@torch.library.custom_op("mdlrnn::lightnet_causal", mutates_args=())
-def lightnet_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional[torch.Tensor], scale: float,
-                    chunk: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, torch.Tensor]:
-    """y (B, L, H, Dv) float32, and what the backward keeps: q', k', m, z (B, L, H, Dk) and the state entering
-    each chunk (B H, NC, Dk or 2 Dk, Dv), float32.
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional[torch.Tensor], scale: float,
+             chunk: int, precision: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                  torch.Tensor, torch.Tensor]:
+    """y (B, L, H, Dv) in the inputs' dtype, and what the backward keeps: q', k', m, z (B, L, H, Dk) and the
+    state entering each chunk (B H, NC, Dk or 2 Dk, Dv), float32.
 
-    q, k, v: (B, L, H, D), any dtype, unit last stride; angles: None or (B, L, H, Dk) float32 contiguous."""
+    q, k, v: (B, L, H, D), one dtype, unit last stride; angles: None or (B, L, H, Dk) float32 contiguous."""
     batch, length, heads, _ = q.shape
     dv = v.shape[-1]
-    y = empty(batch, length, heads, dv, device=v.device)
+    y = empty(batch, length, heads, dv, device=v.device, dtype=v.dtype)
     with on_device(v.device):
         qp, kp, m, z = _prefix(q, k, scale)
         q_in, k_in, m_in = _rotate(qp, kp, m, angles)
@@ -504,27 +504,31 @@ def lightnet_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: O
     return y, qp, kp, m, z, states
 
 
+lightnet_causal = torch.library.custom_op("mdlrnn::lightnet_causal", _forward, mutates_args=())
+
+
 @lightnet_causal.register_fake
 def _(q, k, v, angles, scale, chunk, precision):
     batch, length, heads, dk = q.shape
     chunks = (length + chunk - 1) // chunk
     channels = dk * (1 if angles is None else 2)
     f32 = dict(dtype=torch.float32)
-    return (v.new_empty(batch, length, heads, v.shape[-1], **f32), *(q.new_empty(q.shape, **f32) for _ in range(4)),
+    return (v.new_empty(batch, length, heads, v.shape[-1]), *(q.new_empty(q.shape, **f32) for _ in range(4)),
             v.new_empty(batch * heads, chunks, channels, v.shape[-1], **f32))
 
 
-@torch.library.custom_op("mdlrnn::lightnet_causal_backward", mutates_args=())
-def lightnet_causal_backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tensor, v: torch.Tensor,
-                             angles: Optional[torch.Tensor], states: torch.Tensor, dy: torch.Tensor, scale: float,
-                             chunk: int, precision: str) -> list[torch.Tensor]:
-    """[dq, dk, dv, d_angles] in float32 (d_angles empty without angles)."""
+def _backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tensor, v: torch.Tensor,
+              angles: Optional[torch.Tensor], states: torch.Tensor, dy: torch.Tensor, scale: float, chunk: int,
+              precision: str) -> list[torch.Tensor]:
+    """[dq, dk, dv, d_angles]: dq, dk and dv in v's dtype (the inputs'), d_angles float32 (empty without
+    angles)."""
     batch, length, heads, dk = qp.shape
     dv = v.shape[-1]
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     q_in, k_in, m_in = _rotate(qp, kp, m, angles)
     channels = q_in.shape[-1]
-    grads = [empty(batch, length, heads, n, device=v.device) for n in (channels, channels, dv)]
+    grads = [empty(batch, length, heads, channels, device=v.device) for _ in range(2)]
+    grads.append(empty(batch, length, heads, dv, device=v.device, dtype=v.dtype))
     with on_device(v.device):
         adjoints = _state_pass(q_in, m_in, dy, chunk, True, precision)
         _gradient_kernel[(cdiv(length, SUB), batch * heads)](
@@ -538,13 +542,16 @@ def lightnet_causal_backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor
             (dq_cos, dq_sin), (dk_cos, dk_sin) = dqp.split(dk, -1), dkp.split(dk, -1)
             d_angles = qp * (dq_sin * cos - dq_cos * sin) + kp * (dk_sin * cos - dk_cos * sin)
             dqp, dkp = dq_cos * cos + dq_sin * sin, dk_cos * cos + dk_sin * sin
-        dq, dk = _prefix_backward(qp, kp, m, z, dqp, dkp, scale)
+        dq, dk = _prefix_backward(qp, kp, m, z, dqp, dkp, scale, v.dtype)
     return [dq, dk, d_v, d_angles]
+
+
+lightnet_causal_backward = torch.library.custom_op("mdlrnn::lightnet_causal_backward", _backward, mutates_args=())
 
 
 @lightnet_causal_backward.register_fake
 def _(qp, kp, m, z, v, angles, states, dy, scale, chunk, precision):
-    return [torch.empty_like(qp), torch.empty_like(qp), v.new_empty(v.shape, dtype=torch.float32),
+    return [qp.new_empty(qp.shape, dtype=v.dtype), qp.new_empty(qp.shape, dtype=v.dtype), torch.empty_like(v),
             qp.new_empty(0) if angles is None else torch.empty_like(qp)]
 
 
@@ -553,23 +560,35 @@ def _setup_context(ctx, inputs, output):
     _, qp, kp, m, z, states = output
     ctx.save_for_backward(qp, kp, m, z, v, angles, states)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero gradients made for what the backward keeps
     ctx.scale, ctx.chunk, ctx.precision = scale, chunk, precision
 
 
-def _backward(ctx, dy, *_):
+def _gradients(ctx, dy, backward):
     qp, kp, m, z, v, angles, states = ctx.saved_tensors
-    dq, dk, dv, d_angles = lightnet_causal_backward(qp, kp, m, z, v, angles, states, dy, ctx.scale, ctx.chunk,
-                                                    ctx.precision)
+    dq, dk, dv, d_angles = backward(qp, kp, m, z, v, angles, states, dy, ctx.scale, ctx.chunk, ctx.precision)
     return dq, dk, dv, d_angles if angles is not None else None, None, None, None
 
 
-lightnet_causal.register_autograd(_backward, setup_context=_setup_context)
+lightnet_causal.register_autograd(lambda ctx, dy, *_: _gradients(ctx, dy, lightnet_causal_backward),
+                                  setup_context=_setup_context)
+
+
+class LightNetCausal(torch.autograd.Function):
+    """mdlrnn::lightnet_causal for eager calls (kernels.run): the same forward, context and backward."""
+
+    forward = staticmethod(_forward)
+    setup_context = staticmethod(_setup_context)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        return _gradients(ctx, dy, _backward)
 
 
 def lightnet_causal_triton(q, k, v, scale: float, angles=None, *, precision: str = "ieee"):
-    """LightNet's causal mode over the row-major flattening of (B, *S, H, D) inputs: y in float32."""
+    """LightNet's causal mode over the row-major flattening of (B, *S, H, D) inputs (one dtype): y in it."""
     batch, heads, shape = q.shape[0], q.shape[-2], v.shape
     flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (flat(q), flat(k), flat(v)))
     angles = None if angles is None else flat(angles).float().contiguous()
-    return lightnet_causal(q, k, v, angles, scale, CHUNK, precision)[0].reshape(shape)
+    return run(lightnet_causal, LightNetCausal, q, k, v, angles, scale, CHUNK, precision)[0].reshape(shape)

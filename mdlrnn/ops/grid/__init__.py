@@ -40,12 +40,12 @@ def _kernel_inputs(q, k, v, dtype):
 
 def _on_2d_kernels(q, k, v, source, transition, mark, direct, scale: float, orientations: list[int], dtype):
     """mdlrnn::grid_scan_2d: gates with an orientation axis, orientations as flip bit masks; y in v's dtype."""
-    from ...kernels.grid2d import grid_scan_2d
+    from ...kernels.grid2d import grid_scan_2d_triton
 
     gates = [g.to(torch.float32) for g in (source, transition, mark)]
     direct = None if direct is None else direct.to(torch.float32)
     with torch.autocast(q.device.type, enabled=False):
-        return grid_scan_2d(*_kernel_inputs(q, k, v, dtype), *gates, direct, scale, orientations).to(v.dtype)
+        return grid_scan_2d_triton(*_kernel_inputs(q, k, v, dtype), *gates, direct, scale, orientations).to(v.dtype)
 
 
 def grid_scan(q, k, v, source, transition, mark, direct=None, *, scale=None, backend="auto"):
