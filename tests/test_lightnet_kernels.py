@@ -46,6 +46,18 @@ def test_float32_matches_reference(length, generator, device, monkeypatch):
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("blocks,tile", [(1, 64), (3, 2), (64, 4)], ids=lambda n: str(n))
+def test_prefix_blocks_walk_and_join(blocks, tile, generator, device, monkeypatch):
+    """The prefix kernels with 16 rows a step: one block walking all ten steps, three blocks of four steps whose
+    summaries are joined two at a time, ten blocks of one step joined four at a time; logits spread so that
+    the maxima rise inside and across blocks."""
+    monkeypatch.setattr(kernel, "PREFIX_ROWS", 16)
+    monkeypatch.setattr(kernel, "MAX_PREFIX_BLOCKS", blocks)
+    monkeypatch.setattr(kernel, "CARRY_TILE", tile)
+    errors = compare((1, 150, 2, 8), 5, generator, device, spread=30.0)
+    assert max(errors.values()) < 1e-5, errors
+
+
 @pytest.mark.parametrize("mode,sizes", [("causal", (5, 7)), ("causal", (1, 9)), ("causal", (9, 1)),
                                         ("causal", (2, 3, 4)), ("box", (19,))], ids=str)
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])

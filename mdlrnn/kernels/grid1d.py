@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, empty, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
 
 
 @triton.jit
@@ -326,8 +326,7 @@ grid_scan_1d.register_autograd(lambda ctx, dy, _: _gradients(ctx, dy, grid_scan_
 class GridScan1D(torch.autograd.Function):
     """mdlrnn::grid_scan_1d for eager calls (kernels.run): the same forward, context and backward."""
 
-    forward = staticmethod(_scan)
-    setup_context = staticmethod(_setup_context)
+    forward = eager_forward(_scan, _setup_context)
 
     @staticmethod
     def backward(ctx, dy, _):

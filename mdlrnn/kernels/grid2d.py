@@ -20,7 +20,7 @@ import torch
 
 from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
-from . import run
+from . import eager_forward, run
 from .tiles import (Rows, TritonTiles, exit_states, exits_backward, readout, readout_backward, transfer,
                     transfer_backward)
 
@@ -169,8 +169,7 @@ grid_scan_2d.register_autograd(lambda ctx, dy: _gradients(ctx, dy, grid_scan_2d_
 class GridScan2D(torch.autograd.Function):
     """mdlrnn::grid_scan_2d for eager calls (kernels.run): the same forward, context and backward."""
 
-    forward = staticmethod(_scan)
-    setup_context = staticmethod(_setup_context)
+    forward = eager_forward(_scan, _setup_context)
 
     @staticmethod
     def backward(ctx, dy):

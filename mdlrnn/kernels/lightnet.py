@@ -12,13 +12,14 @@ before b, so every factor is <= 1 and logits of any size stay finite; a product 
 p, e^{m_s - m_p} = e^{m_s - m_r} e^{m_r - m_p}, keeps both halves <= 1. (z is summed in the frame of m, never
 as log-sum-exp: a float32 log of size 200 has ulps of 1e-5, which would be the relative error of e^{m - L}.)
 
-Every pass over the sequence is split in two: programs over blocks compute what each block passes on, then one
-short sequential pass per state block carries it across blocks (loads that do not wait for the carry), so
-that no program walks the whole sequence with a tensor-core product per step.
-- prefix (blocks of PREFIX_ROWS): `_block_summary_kernel` (each block's max and sum), `_block_carry_kernel`
-  (the (m, z) entering each block), `_prefix_kernel` (m, z, q', k' per row: a scan of (m, z) pairs); backward
-  the same three for r_s = sum_{p>=s} e^{m_s - m_p} dz_p, the gradient through z, read backwards.
-- states (chunks of CHUNK): `_chunk_state_kernel` (what each chunk adds), `_state_carry_kernel` (the state
+Every pass over the sequence is split in two: programs over blocks compute what each block passes on, then
+what enters each block is joined from those, so that no program walks the whole sequence.
+- prefix (at most MAX_PREFIX_BLOCKS blocks per head, walked PREFIX_ROWS rows at a time):
+  `_block_summary_kernel` (each block's max and sum), `_prefix_kernel` (the (m, z) entering its block joined
+  from the earlier blocks' summaries, then m, z, q', k' per row: a scan of (m, z) pairs); backward the same two
+  for r_s = sum_{p>=s} e^{m_s - m_p} dz_p, the gradient through z, read backwards.
+- states (chunks of CHUNK): `_chunk_state_kernel` (what each chunk adds), `_state_carry_kernel` (one short
+  sequential pass per state block, its loads not waiting for the carry: the state
   entering each chunk, h_c = sum_{s < c CHUNK} k'_s e^{m_s - m_{c CHUNK - 1}} v_s^T; in reverse the adjoint of the
   state leaving each chunk, from q' and dy).
 - `_output_kernel`: 16 rows of y: the entering state, the chunk's earlier blocks as tensor-core products split
@@ -38,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, empty, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
@@ -295,121 +296,135 @@ def _affine(a1, b1, a2, b2):
 
 
 @triton.jit
-def _prefix_block(N, H, DK, BN: tl.constexpr, BK: tl.constexpr):
-    """This program's block of BN rows (all DK channels) of one (batch, head): ids, columns, rows, masks."""
+def _prefix_ids(N, H, SPAN, BK: tl.constexpr):
+    """This program's block of SPAN rows of one (batch, head): ids, first row, end, columns, row base."""
     blk, bh = tl.program_id(0), tl.program_id(1)
-    rows = blk * BN + tl.arange(0, BN)
-    cols = tl.arange(0, BK)
-    valid = rows < N
-    return blk, bh, bh // H, bh % H, cols, rows, valid, valid[:, None] & (cols < DK)[None, :]
+    first = blk * SPAN
+    return blk, bh, bh // H, bh % H, first, tl.minimum(first + SPAN, N), tl.arange(0, BK)
 
 
 @triton.jit
-def _block_summary_kernel(K, QP, Z, M, OUT_A, OUT_B, skb, skn, skh, N, H, DK, NB,
+def _keys(K, base, rows, valid, cols, DK, skn):
+    """k of BN rows in float32: -inf on rows past the end (nothing), 0 in columns past DK."""
+    k = tl.load(K + base + tl.cast(rows, tl.int64)[:, None] * skn + cols[None, :],
+                mask=valid[:, None] & (cols < DK)[None, :], other=float("-inf")).to(tl.float32)
+    return tl.where((cols < DK)[None, :], k, 0.0)
+
+
+@triton.jit
+def _joined(m, z, k):
+    """(m, z) of some rows joined with the rows of k: the maximum and the sum of e^{k - max}."""
+    top = tl.maximum(m, tl.max(k, 0))
+    return top, z * tl.exp(m - top) + tl.sum(tl.exp(k - top[None, :]), 0)
+
+
+@triton.jit
+def _block_summary_kernel(K, QP, Z, M, OUT_A, OUT_B, skb, skn, skh, N, H, DK, NB, SPAN,
                           BN: tl.constexpr, BK: tl.constexpr, REVERSE: tl.constexpr):
-    """What each block of BN rows passes on, per channel. Forward (from k): its maximum and sum e^{k - max}.
-    Reverse (from q', z and dq' in K): for r_s = dz_s + e^{m_s - m_{s+1}} r_{s+1}, the factor e^{m_first - m_next}
-    (m_next: the next block's first row) and sum_p e^{m_first - m_p} dz_p, r at the first row being
-    sum + factor r_next."""
-    blk, bh, b, h, cols, rows, valid, mask = _prefix_block(N, H, DK, BN, BK)
+    """What each block of SPAN rows passes on, per channel, walked BN rows at a time. Forward (from k): its
+    maximum and sum e^{k - max}. Reverse (from q', z and dq' in K): m at its first row and sum_p e^{m_first - m_p}
+    dz_p (dz = -dq' q' / z), the part of r = sum_{p>=s} e^{m_s - m_p} dz_p that it adds to the rows before it."""
+    blk, bh, b, h, first, end, cols = _prefix_ids(N, H, SPAN, BK)
     out = (bh.to(tl.int64) * NB + blk) * DK + cols
+    base = (b * N * H + h).to(tl.int64) * DK
     if REVERSE:
-        at = (b * N * H + h).to(tl.int64) * DK + tl.cast(rows, tl.int64)[:, None] * H * DK + cols[None, :]
-        dz = -tl.load(K + at, mask=mask, other=0.0) * tl.load(QP + at, mask=mask, other=0.0)
-        dz /= tl.load(Z + at, mask=mask, other=1.0)
-        m = tl.load(M + at, mask=mask, other=0.0)
-        first = _row(M, (b * N * H + h).to(tl.int64) * DK, blk * BN, cols, DK, H * DK)
-        after = tl.minimum(blk * BN + BN, N - 1)  # the next block's first row (the last block: its own last row)
-        following = _row(M, (b * N * H + h).to(tl.int64) * DK, after, cols, DK, H * DK)
-        tl.store(OUT_A + out, tl.exp(first - following), mask=cols < DK)
-        tl.store(OUT_B + out, tl.sum(_decay(valid, m, first[None, :]) * dz, 0), mask=cols < DK)
+        m_first = _row(M, base, first, cols, DK, H * DK)
+        total = tl.zeros((BK,), tl.float32)
+        for r0 in range(first, end, BN):
+            rows = r0 + tl.arange(0, BN)
+            valid = rows < end
+            mask = valid[:, None] & (cols < DK)[None, :]
+            at = base + tl.cast(rows, tl.int64)[:, None] * H * DK + cols[None, :]
+            dz = -tl.load(K + at, mask=mask, other=0.0) * tl.load(QP + at, mask=mask, other=0.0)
+            dz /= tl.load(Z + at, mask=mask, other=1.0)
+            total += tl.sum(_decay(valid, tl.load(M + at, mask=mask, other=0.0), m_first[None, :]) * dz, 0)
+        tl.store(OUT_A + out, m_first, mask=cols < DK)
+        tl.store(OUT_B + out, total, mask=cols < DK)
     else:
-        rows64 = tl.cast(rows, tl.int64)[:, None]
-        k = tl.load(K + b.to(tl.int64) * skb + h * skh + rows64 * skn + cols[None, :], mask=mask,
-                    other=float("-inf")).to(tl.float32)
-        k = tl.where((cols < DK)[None, :], k, 0.0)  # rows past the end stay -inf: nothing
-        top = tl.max(k, 0)
+        top = tl.full((BK,), float("-inf"), tl.float32)
+        total = tl.zeros((BK,), tl.float32)
+        for r0 in range(first, end, BN):
+            rows = r0 + tl.arange(0, BN)
+            top, total = _joined(top, total, _keys(K, b.to(tl.int64) * skb + h * skh, rows, rows < end, cols, DK, skn))
         tl.store(OUT_A + out, top, mask=cols < DK)
-        tl.store(OUT_B + out, tl.sum(tl.exp(k - top[None, :]), 0), mask=cols < DK)
+        tl.store(OUT_B + out, total, mask=cols < DK)
 
 
 @triton.jit
-def _block_carry_kernel(SUM_A, SUM_B, CARRY_A, CARRY_B, DK, NB, BK: tl.constexpr, REVERSE: tl.constexpr):
-    """The carry entering every block, one step per block (vectors only). Forward: the (max, sum) of all rows
-    before the block. Reverse: r at the first row of the next block (0 for the last)."""
-    bh = tl.program_id(0)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    mask = cols < DK
-    carry_a = tl.full((BK,), float("-inf"), tl.float32)
-    carry_b = tl.zeros((BK,), tl.float32)
-    for step in range(NB):
-        if REVERSE:
-            blk = NB - 1 - step
-        else:
-            blk = step
-        at = (bh.to(tl.int64) * NB + blk) * DK + cols
-        tl.store(CARRY_B + at, carry_b, mask=mask)
-        a = tl.load(SUM_A + at, mask=mask, other=0.0)
-        b = tl.load(SUM_B + at, mask=mask, other=0.0)
-        if REVERSE:
-            carry_b = b + a * carry_b
-        else:
-            tl.store(CARRY_A + at, carry_a, mask=mask)
-            top = tl.maximum(carry_a, a)
-            carry_b = carry_b * tl.exp(carry_a - top) + b * tl.exp(a - top)
-            carry_a = top
+def _prefix_kernel(Q, K, SUM_M, SUM_Z, QP, KP, M, Z, sqb, sqn, sqh, skb, skn, skh, N, H, DK, NB, SPAN, scale,
+                   BN: tl.constexpr, BK: tl.constexpr, CT: tl.constexpr):
+    """m = cummax k, z = sum_{s<=p} e^{k_s - m_p}, k' = e^{k - m}, q' = scale q / z over one block of SPAN rows:
+    the (m, z) of the rows before it joined from the earlier blocks' summaries (CT at a time), then BN rows at a
+    time their (m, z) pairs scanned and joined to it."""
+    blk, bh, b, h, first, end, cols = _prefix_ids(N, H, SPAN, BK)
+    carry_m = tl.full((BK,), float("-inf"), tl.float32)
+    carry_z = tl.zeros((BK,), tl.float32)
+    for j0 in range(0, blk, CT):
+        j = j0 + tl.arange(0, CT)
+        ok = (j < blk)[:, None] & (cols < DK)[None, :]
+        at = (bh.to(tl.int64) * NB + j)[:, None] * DK + cols[None, :]
+        top = tl.where((cols < DK)[None, :], tl.load(SUM_M + at, mask=ok, other=float("-inf")), 0.0)
+        new = tl.maximum(carry_m, tl.max(top, 0))
+        carry_z = carry_z * tl.exp(carry_m - new) + tl.sum(tl.load(SUM_Z + at, mask=ok, other=0.0) *
+                                                           tl.exp(top - new[None, :]), 0)
+        carry_m = new
+    base_k = b.to(tl.int64) * skb + h * skh
+    for r0 in range(first, end, BN):
+        rows = r0 + tl.arange(0, BN)
+        valid = rows < end
+        mask = valid[:, None] & (cols < DK)[None, :]
+        rows64 = tl.cast(rows, tl.int64)[:, None]
+        k = _keys(K, base_k, rows, valid, cols, DK, skn)
+        m_rows, z_rows = tl.associative_scan((k, tl.full((BN, BK), 1.0, tl.float32)), 0, _max_sum)
+        m = tl.maximum(m_rows, carry_m[None, :])
+        z = z_rows * tl.exp(m_rows - m) + carry_z[None, :] * tl.exp(carry_m[None, :] - m)
+        q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows64 * sqn + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        out = (b * N * H + h).to(tl.int64) * DK + rows64 * H * DK + cols[None, :]
+        tl.store(M + out, m, mask=mask)
+        tl.store(Z + out, z, mask=mask)
+        tl.store(KP + out, tl.exp(k - m), mask=mask)
+        tl.store(QP + out, scale * q / z, mask=mask)
+        carry_m, carry_z = _joined(carry_m, carry_z, k)
 
 
 @triton.jit
-def _prefix_kernel(Q, K, CARRY_M, CARRY_Z, QP, KP, M, Z, sqb, sqn, sqh, skb, skn, skh, N, H, DK, NB, scale,
-                   BN: tl.constexpr, BK: tl.constexpr):
-    """m = cummax k, z = sum_{s<=p} e^{k_s - m_p}, k' = e^{k - m}, q' = scale q / z for one block of BN rows:
-    its (m, z) pairs scanned and joined to the carry of the rows before it."""
-    blk, bh, b, h, cols, rows, valid, mask = _prefix_block(N, H, DK, BN, BK)
-    rows64 = tl.cast(rows, tl.int64)[:, None]
-    k = tl.load(K + b.to(tl.int64) * skb + h * skh + rows64 * skn + cols[None, :], mask=mask,
-                other=float("-inf")).to(tl.float32)
-    k = tl.where((cols < DK)[None, :], k, 0.0)
-    m_block, z_block = tl.associative_scan((k, tl.full((BN, BK), 1.0, tl.float32)), 0, _max_sum)
-    carry = (bh.to(tl.int64) * NB + blk) * DK + cols
-    carry_m = tl.load(CARRY_M + carry, mask=cols < DK, other=0.0)[None, :]
-    carry_z = tl.load(CARRY_Z + carry, mask=cols < DK, other=0.0)[None, :]
-    m = tl.maximum(m_block, carry_m)
-    z = z_block * tl.exp(m_block - m) + carry_z * tl.exp(carry_m - m)
-    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + rows64 * sqn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = (b * N * H + h).to(tl.int64) * DK + rows64 * H * DK + cols[None, :]
-    tl.store(M + out, m, mask=mask)
-    tl.store(Z + out, z, mask=mask)
-    tl.store(KP + out, tl.exp(k - m), mask=mask)
-    tl.store(QP + out, scale * q / z, mask=mask)
-
-
-@triton.jit
-def _prefix_backward_kernel(QP, KP, M, Z, DQP, DKP, CARRY, DQ, DK, N, H, DK_COLS, NB, scale,
-                            BN: tl.constexpr, BK: tl.constexpr):
+def _prefix_backward_kernel(QP, KP, M, Z, DQP, DKP, SUM_M, SUM_R, DQ, DK, N, H, DK_COLS, NB, SPAN, scale,
+                            BN: tl.constexpr, BK: tl.constexpr, CT: tl.constexpr):
     """dq = scale dq' / z; dk_s = k'_s (dk'_s + r_s), r_s = sum_{p>=s} e^{m_s - m_p} dz_p with dz = -dq' q' / z,
-    for one block of BN rows read backwards: the recurrence r_s = dz_s + e^{m_s - m_{s+1}} r_{s+1} scanned as
-    affine maps, from the carry r at the next block's first row."""
-    blk, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    cols = tl.arange(0, BK)
-    rows = blk * BN + BN - 1 - tl.arange(0, BN)  # backwards
-    valid = rows < N
-    mask = valid[:, None] & (cols < DK_COLS)[None, :]
-    at = (b * N * H + h).to(tl.int64) * DK_COLS + tl.cast(rows, tl.int64)[:, None] * H * DK_COLS + cols[None, :]
-    qp = tl.load(QP + at, mask=mask, other=0.0)
-    z = tl.load(Z + at, mask=mask, other=1.0)
-    dqp = tl.load(DQP + at, mask=mask, other=0.0)
-    m = tl.load(M + at, mask=mask, other=0.0)
-    has_next = mask & (rows + 1 < N)[:, None]
-    m_next = tl.load(M + at + H * DK_COLS, mask=has_next, other=0.0)
-    decay = tl.where(has_next, tl.exp(tl.where(has_next, m - m_next, 0.0)), 1.0)
-    tl.store(DQ + at, (scale * dqp / z).to(DQ.dtype.element_ty), mask=mask)
-    a, r = tl.associative_scan((decay, -dqp * qp / z), 0, _affine)
-    carry = tl.load(CARRY + (bh.to(tl.int64) * NB + blk) * DK_COLS + cols, mask=cols < DK_COLS, other=0.0)
-    r += a * carry[None, :]
-    dkp = tl.load(DKP + at, mask=mask, other=0.0)
-    tl.store(DK + at, (tl.load(KP + at, mask=mask, other=0.0) * (dkp + r)).to(DK.dtype.element_ty), mask=mask)
+    over one block of SPAN rows read backwards: r at the next block's first row from the later blocks'
+    summaries (CT at a time; each in the frame of its first row m_j, all rescaled by e^{m_next - m_j} <= 1), then
+    BN rows at a time the recurrence r_s = dz_s + e^{m_s - m_{s+1}} r_{s+1} scanned as affine maps."""
+    blk, bh, b, h, first, end, cols = _prefix_ids(N, H, SPAN, BK)
+    base = (b * N * H + h).to(tl.int64) * DK_COLS
+    m_next = _row(M, base, tl.minimum(end, N - 1), cols, DK_COLS, H * DK_COLS)
+    carry = tl.zeros((BK,), tl.float32)
+    for j0 in range(blk + 1, NB, CT):
+        j = j0 + tl.arange(0, CT)
+        ok = (j < NB)[:, None] & (cols < DK_COLS)[None, :]
+        at = (bh.to(tl.int64) * NB + j)[:, None] * DK_COLS + cols[None, :]
+        rescale = tl.exp(tl.where(ok, m_next[None, :] - tl.load(SUM_M + at, mask=ok, other=0.0), 0.0))
+        carry += tl.sum(tl.load(SUM_R + at, mask=ok, other=0.0) * rescale, 0)
+    last = tl.arange(0, BN) == BN - 1  # in reverse order, the first row of BN
+    pieces = tl.cdiv(end - first, BN)
+    for piece in range(pieces):
+        rows = first + (pieces - 1 - piece) * BN + BN - 1 - tl.arange(0, BN)  # backwards
+        valid = rows < end
+        mask = valid[:, None] & (cols < DK_COLS)[None, :]
+        at = base + tl.cast(rows, tl.int64)[:, None] * H * DK_COLS + cols[None, :]
+        qp = tl.load(QP + at, mask=mask, other=0.0)
+        z = tl.load(Z + at, mask=mask, other=1.0)
+        dqp = tl.load(DQP + at, mask=mask, other=0.0)
+        m = tl.load(M + at, mask=mask, other=0.0)
+        has_next = mask & (rows + 1 < N)[:, None]
+        m_after = tl.load(M + at + H * DK_COLS, mask=has_next, other=0.0)
+        decay = tl.where(has_next, tl.exp(tl.where(has_next, m - m_after, 0.0)), 1.0)
+        tl.store(DQ + at, (scale * dqp / z).to(DQ.dtype.element_ty), mask=mask)
+        a, r = tl.associative_scan((decay, -dqp * qp / z), 0, _affine)
+        r += a * carry[None, :]
+        dkp = tl.load(DKP + at, mask=mask, other=0.0)
+        tl.store(DK + at, (tl.load(KP + at, mask=mask, other=0.0) * (dkp + r)).to(DK.dtype.element_ty), mask=mask)
+        carry = tl.sum(tl.where(last[:, None], r, 0.0), 0)
 
 
 # ------------------------------------------------------------------------------------------ host side
@@ -438,41 +453,50 @@ def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Ten
     return states
 
 
-PREFIX_ROWS = 64  # rows per block of the prefix kernels (each block a program; a carry per block between them)
+PREFIX_ROWS = 64  # rows the prefix kernels take at a time
+MAX_PREFIX_BLOCKS = 256  # programs per (batch, head) of the prefix kernels: each joins the summaries before it
+CARRY_TILE = 64  # summaries a prefix program joins at a time
 
 
-def _block_carries(k, qp, z, m, reverse: bool):
-    """Summaries of every block of PREFIX_ROWS rows, then the carry entering each: (carry_a, carry_b)."""
+def _prefix_blocks(length: int) -> tuple[int, int]:
+    """Blocks of the prefix kernels and their rows (a multiple of PREFIX_ROWS): at most MAX_PREFIX_BLOCKS, so
+    that joining the summaries before each block stays a bounded cost as sequences grow."""
+    steps = cdiv(cdiv(length, PREFIX_ROWS), MAX_PREFIX_BLOCKS)
+    return cdiv(length, steps * PREFIX_ROWS), steps * PREFIX_ROWS
+
+
+def _summaries(k, qp, z, m, blocks: int, span: int, reverse: bool) -> list[torch.Tensor]:
+    """Per block and channel, (max, sum) forward (k) or (m at its first row, its share of r) in reverse
+    (k = dq', qp, z, m)."""
     batch, length, heads, dk = m.shape if reverse else k.shape
-    blocks = cdiv(length, PREFIX_ROWS)
     sums = [empty(batch * heads, blocks, dk, device=k.device) for _ in range(2)]
-    carries = [empty(batch * heads, blocks, dk, device=k.device) for _ in range(2)]
     _block_summary_kernel[(blocks, batch * heads)](
-        k, qp, z, m, *sums, *_strides(k), length, heads, dk, blocks,
+        k, qp, z, m, *sums, *_strides(k), length, heads, dk, blocks, span,
         BN=PREFIX_ROWS, BK=_block(dk), REVERSE=reverse)
-    _block_carry_kernel[(batch * heads, cdiv(dk, 16))](*sums, *carries, dk, blocks, BK=16, REVERSE=reverse)
-    return carries
+    return sums
 
 
 def _prefix(q, k, scale: float):
     """q' = scale q / z, k' = e^{k - m}, m = cummax k and z = sum_{s<=p} e^{k_s - m_p}: (B, L, H, Dk) float32 each."""
     batch, length, heads, dk = q.shape
+    blocks, span = _prefix_blocks(length)
     outs = [empty(batch, length, heads, dk, device=q.device) for _ in range(4)]
-    carries = _block_carries(k, k, k, k, reverse=False)
-    _prefix_kernel[(cdiv(length, PREFIX_ROWS), batch * heads)](
-        q, k, *carries, *outs, *_strides(q), *_strides(k), length, heads, dk, cdiv(length, PREFIX_ROWS), scale,
-        BN=PREFIX_ROWS, BK=_block(dk))
+    sums = _summaries(k, k, k, k, blocks, span, reverse=False)
+    _prefix_kernel[(blocks, batch * heads)](
+        q, k, *sums, *outs, *_strides(q), *_strides(k), length, heads, dk, blocks, span, scale,
+        BN=PREFIX_ROWS, BK=_block(dk), CT=CARRY_TILE)
     return outs
 
 
 def _prefix_backward(qp, kp, m, z, dqp, dkp, scale: float, dtype: torch.dtype):
     """dq and dk (in `dtype`) from the gradients of q' and k' (contiguous)."""
     batch, length, heads, dk = qp.shape
+    blocks, span = _prefix_blocks(length)
     grads = [empty(batch, length, heads, dk, device=qp.device, dtype=dtype) for _ in range(2)]
-    _, carry = _block_carries(dqp, qp, z, m, reverse=True)
-    _prefix_backward_kernel[(cdiv(length, PREFIX_ROWS), batch * heads)](
-        qp, kp, m, z, dqp, dkp, carry, *grads, length, heads, dk, cdiv(length, PREFIX_ROWS), scale,
-        BN=PREFIX_ROWS, BK=_block(dk))
+    sums = _summaries(dqp, qp, z, m, blocks, span, reverse=True)
+    _prefix_backward_kernel[(blocks, batch * heads)](
+        qp, kp, m, z, dqp, dkp, *sums, *grads, length, heads, dk, blocks, span, scale,
+        BN=PREFIX_ROWS, BK=_block(dk), CT=CARRY_TILE)
     return grads
 
 
@@ -577,8 +601,7 @@ lightnet_causal.register_autograd(lambda ctx, dy, *_: _gradients(ctx, dy, lightn
 class LightNetCausal(torch.autograd.Function):
     """mdlrnn::lightnet_causal for eager calls (kernels.run): the same forward, context and backward."""
 
-    forward = staticmethod(_forward)
-    setup_context = staticmethod(_setup_context)
+    forward = eager_forward(_forward, _setup_context)
 
     @staticmethod
     def backward(ctx, dy, *_):
