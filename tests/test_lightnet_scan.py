@@ -49,6 +49,28 @@ def test_large_logits_float32(mode, generator, device):
     assert all(torch.isfinite(x.grad).all() for x in leaves)
 
 
+@pytest.mark.parametrize("spread,tiled", [(58.0, True), (62.0, False)])
+def test_box_paths_at_the_tiles_limit(spread, tiled, generator, device, monkeypatch):
+    """2D box mode runs on tiled products while the logits of each channel spread by less than 60 from the first
+    position (e^-58 still far inside float32), else on the grid scan with running maxima: float32 exact either way.
+    Strips of 4 rows and tiles of 3 columns: every position has states above and left of its tile, whose sums
+    span e^-58..1."""
+    from mdlrnn.ops.lightnet import tiles
+
+    monkeypatch.setattr(tiles, "STRIP", 4)
+    monkeypatch.setattr(tiles, "TILE", 3)
+    tiles_fit = tiles.tiles_fit
+    torch.backends.cuda.matmul.allow_tf32 = False
+    q, _, v = qkv(2, (9, 11), 2, 8, 8, generator)
+    k = torch.rand(q.shape, generator=generator, dtype=torch.float64) * spread - spread / 2
+    k[:, 0, 0] = -spread / 2
+    k[:, -1, -1] = spread / 2
+    assert tiles_fit(k) == tiled
+    ref = lightnet_scan(q, k, v, mode="box", backend="reference")
+    assert relative_error(lightnet_scan(q.float().to(device), k.float().to(device), v.float().to(device),
+                                        mode="box", backend="torch"), ref) < 1e-5
+
+
 def test_causal_is_box_on_the_flattened_sequence(generator):
     q, k, v = qkv(1, (4, 5), 2, 3, 3, generator)
     causal = lightnet_scan(q, k, v, mode="causal")

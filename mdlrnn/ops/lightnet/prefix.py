@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..grid.chunk import grid_scan_torch
+from .tiles import lightnet_box_tiles, tiles_fit
 
 
 def _channel_values(v: torch.Tensor, angles) -> torch.Tensor:
@@ -97,11 +98,14 @@ def lightnet_box(q, k, v, scale: float, angles=None, grid_scan=grid_scan_torch) 
 
 
 def lightnet_scan_torch(q, k, v, mode: str, scale: float, angles=None, grid_scan=grid_scan_torch) -> torch.Tensor:
-    """The three modes; causal and box run on `grid_scan` (the torch path, or the 1D Triton kernels)."""
+    """The three modes; causal and box run on `grid_scan` (the torch path, or the 1D Triton kernels), box mode on
+    2D grids on tiled products where their one reference per channel is exact (tiles.py)."""
     if mode == "global":
         return lightnet_global(q, k, v, scale, angles)
     if mode == "causal":
         batch, heads = q.shape[0], q.shape[-2]
         flat = lambda x: None if x is None else x.reshape(batch, -1, heads, x.shape[-1])
         return lightnet_box(flat(q), flat(k), flat(v), scale, flat(angles), grid_scan).reshape(v.shape)
+    if q.dim() == 5 and tiles_fit(k):  # 2D: tiled products where one reference per channel is exact
+        return lightnet_box_tiles(q, k, v, scale, angles)
     return lightnet_box(q, k, v, scale, angles, grid_scan)
