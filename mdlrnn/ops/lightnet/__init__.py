@@ -24,16 +24,17 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         scale: defaults to Dk ** -0.5.
         angles: optional rotary angles (B, *S, H, Dk) (or broadcastable): each channel's weights are multiplied
             by cos(angles_p[c] - angles_s[c]), the relative positional encoding (LRPE) of LightNet.
-        backend: "auto" (the Triton kernels on CUDA for causal mode and box mode on 1D grids, up to 128 key
-            channels (2 Dk with angles) and 128 values per head; the torch path elsewhere), "reference", "torch"
-            or "triton".
+        backend: "auto" (the Triton kernels on CUDA for causal mode and box mode on 1D and 2D grids, up to 128
+            key channels (causal: 2 Dk with angles) and 128 values per head; the torch path elsewhere),
+            "reference", "torch" or "triton".
 
     .. math::
         y_p = \text{scale} \sum_c q_p[c] \sum_{s \in R(p)} \operatorname{softmax}_{s \in R(p)}(k_s[c])
               \cos(\theta_p[c] - \theta_s[c])\, v_s
 
     The torch path runs causal and box modes on the grid scan; the kernels run causal mode as linear attention
-    with decays from running maxima (mdlrnn.kernels.lightnet). Large logits are handled with running maxima.
+    with decays from running maxima (mdlrnn.kernels.lightnet) and 2D box mode as a sweep down the rows with a
+    row of states per program (mdlrnn.kernels.lightnet_box). Large logits are handled with running maxima.
     Returns y: (B, *S, H, Dv) in the dtype of v.
     """
     op = "lightnet_scan"
@@ -59,11 +60,7 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
     dtype = compute_dtype(q)
     channels = (1 if angles is None else 2) * q.shape[-1]  # what the kernel's q' and k' hold per head
     if _on_kernels(op, backend, mode, q, channels, v.shape[-1], dtype):
-        from ...kernels.lightnet import lightnet_causal_triton
-
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
-        with torch.autocast(q.device.type, enabled=False):
-            return lightnet_causal_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)
+        return _on_triton(q, k, v, mode, scale, angles)
     args = [q.to(dtype), k.to(dtype), v.to(dtype), mode, scale, None if angles is None else angles.to(dtype)]
     with torch.autocast(q.device.type, enabled=False):
         return _BACKENDS["torch" if backend == "auto" else backend](*args).to(v.dtype)
@@ -71,14 +68,34 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
 
 def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int, values: int,
                 dtype: torch.dtype) -> bool:
-    """Whether the Triton kernels run it: causal mode, or box mode on a 1D grid (the same thing), with up to
-    128 key channels per head (Dk, or 2 Dk with angles) and 128 values; "auto" takes them on CUDA."""
+    """Whether the Triton kernels run it: causal mode (up to 128 key channels per head, Dk or 2 Dk with
+    angles), box mode on 1D and 2D grids (up to 128 key channels), up to 128 values; "auto" takes them on CUDA."""
     from ... import kernels
     from ...kernels.lightnet import MAX_DK, MAX_DV
 
-    fits = (mode == "causal" or (mode == "box" and q.dim() == 4)) and channels <= MAX_DK and values <= MAX_DV
+    box = mode == "box" and q.dim() == 5 and not _causal_box(q)
+    causal = mode == "causal" or (mode == "box" and _causal_box(q))
+    fits = (causal or box) and values <= MAX_DV and (q.shape[-1] if box else channels) <= MAX_DK
     unfit = None if fits else (
-        f"runs causal mode, and box mode on 1D grids, with up to {MAX_DK} key channels per head (Dk, or 2 Dk "
-        f"with angles) and {MAX_DV} values; got mode={mode!r} on {q.dim() - 3} axes, {channels} channels and "
-        f"{values} values")
+        f"runs causal mode with up to {MAX_DK} key channels per head (Dk, or 2 Dk with angles), box mode on 1D "
+        f"and 2D grids with up to {MAX_DK}, and up to {MAX_DV} values; got mode={mode!r} on {q.dim() - 3} axes, "
+        f"Dk={q.shape[-1]}, {channels} channels and {values} values")
     return kernels.choose(op, backend, q.device, dtype, unfit)
+
+
+def _causal_box(q: torch.Tensor) -> bool:
+    """Box mode with at most one axis longer than 1 is causal mode on the flattened sequence."""
+    return sum(size > 1 for size in q.shape[1:-2]) <= 1
+
+
+def _on_triton(q, k, v, mode: str, scale: float, angles):
+    """Box mode on a 2D grid: its row sweep (mdlrnn.kernels.lightnet_box); else the causal kernels."""
+    with torch.autocast(q.device.type, enabled=False):
+        if mode == "box" and not _causal_box(q):
+            from ...kernels.lightnet_box import lightnet_box_triton
+
+            return lightnet_box_triton(q, k, v, scale, angles).to(v.dtype)
+        from ...kernels.lightnet import lightnet_causal_triton
+
+        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
+        return lightnet_causal_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)
