@@ -2,12 +2,13 @@
 
 1D grids of 196 (B=64) to 16384 positions (B=2) and 2D grids of 14x14 (B=64) to 128x128 (B=2), H=3, D=64,
 transitions over (-1, 1) with some exactly zero; float32 and bfloat16 inputs; the output and every gradient.
-LightNet's causal mode on the same grids (`--ops lightnet`; its reference is the float64 torch path). The kernels'
-outputs are poisoned with NaN before they run (kernels.POISON), so anything a kernel fails to write shows up.
+LightNet's causal mode on the same grids and its box mode on the 2D ones (`--ops lightnet,lightnet_box`; their
+reference is the float64 torch path). The kernels' outputs are poisoned with NaN before they run
+(kernels.POISON), so anything a kernel fails to write shows up.
 Bounds (DEVELOPERS' brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table,
 writes JSON and exits 1 on any failure.
 
-    python benchmarks/check_kernels.py [--dims 1,2] [--ops grid_scan,lightnet] [--out benchmarks/results/check_kernels.json]
+    python benchmarks/check_kernels.py [--dims 1,2] [--ops grid_scan,lightnet,lightnet_box] [--out F.json]
 """
 
 from __future__ import annotations
@@ -56,28 +57,30 @@ def check(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
     return rows
 
 
-def check_lightnet(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
-    """LightNet's causal mode with logits of spread 8 (the running maxima at work) and rotary angles, against
-    the float64 torch path (itself checked against the step-by-step reference to 1e-12 in the tests: the
+def check_lightnet(sizes, batch, heads: int, dim: int, seed: int, mode: str = "causal", spread: float = 8.0
+                   ) -> list[dict]:
+    """LightNet's causal or box mode with logits k ~ spread N(0, 1) (the running maxima at work) and rotary angles,
+    against the float64 torch path (itself checked against the step-by-step reference to 1e-12 in the tests: the
     reference keeps every position's region, quadratic memory at these sizes)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, *sizes, heads, dim)
     q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64).cuda() for _ in range(3))
-    k = 8 * k
+    k = spread * k
     angles = (6 * torch.rand(*shape, generator=gen, dtype=torch.float64)).cuda()
     weight = torch.randn(*shape, generator=gen, dtype=torch.float64).cuda()
     rows = []
     for dtype, bound in BOUNDS.items():
         rounded = [x.to(dtype).double() for x in (q, k, v)]
         ref_leaves = [x.clone().requires_grad_() for x in rounded]
-        ref = lightnet_scan(*ref_leaves, mode="causal", angles=angles, backend="torch")
+        ref = lightnet_scan(*ref_leaves, mode=mode, angles=angles, backend="torch")
         (ref * weight).sum().backward()
         leaves = [x.to(dtype).requires_grad_() for x in rounded]
-        y = lightnet_scan(*leaves, mode="causal", angles=angles.to(dtype), backend="triton")
+        y = lightnet_scan(*leaves, mode=mode, angles=angles.to(dtype), backend="triton")
         (y.double() * weight).sum().backward()
         errors = {"y": relative_error(y, ref)}
         errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
-        rows.append(dict(op="lightnet causal", sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""),
+        name = f"lightnet {mode}" if mode == "causal" else f"box {'tiles' if spread < 10 else 'sweeps'}"
+        rows.append(dict(op=name, sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""),
                          bound=bound, errors=errors, worst=max(errors.values()), ok=max(errors.values()) < bound))
         del ref, y, ref_leaves, leaves
         torch.cuda.empty_cache()
@@ -89,16 +92,21 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "check_kernels.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dims", default="1,2", help="comma-separated grid dimensionalities")
-    parser.add_argument("--ops", default="grid_scan,lightnet", help="grid_scan and/or lightnet (causal mode)")
+    parser.add_argument("--ops", default="grid_scan,lightnet,lightnet_box",
+                        help="grid_scan, lightnet (causal mode) and/or lightnet_box (box mode, 2D grids)")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
     kernels.POISON = True
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, H=3, D=64, outputs poisoned with NaN")
     print(f"{'op':>16}{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
     rows = []
-    checks = {"grid_scan": check, "lightnet": check_lightnet}
+    # box mode: logits spread 8 take the tiled products, spread 30 (over 60 from the first position) the sweeps
+    checks = {"grid_scan": check, "lightnet": check_lightnet,
+              "lightnet_box": lambda *a: check_lightnet(*a, mode="box") + check_lightnet(*a, mode="box", spread=30.0)}
     cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
-    for op, sizes, batch in [(op, *case) for op in args.ops.split(",") for case in cases]:
+    # box mode on a 1D grid is causal mode
+    for op, sizes, batch in [(op, *case) for op in args.ops.split(",") for case in cases
+                             if op != "lightnet_box" or len(case[0]) > 1]:
         for row in checks[op](sizes, batch, 3, 64, args.seed):
             grads = {k: e for k, e in row["errors"].items() if k != "y"}
             which = max(grads, key=grads.get)

@@ -7,7 +7,7 @@ LightNet's causal mode against causal SDPA. `--dims 1` times 1D grids of the sam
 where everything is causal.
 Prints a table and writes JSON.
 
-    python benchmarks/scan.py [--backends torch,triton] [--dims 1,2] [--out benchmarks/results/scan.json]
+    python benchmarks/scan.py [--backends torch,triton] [--dims 1,2] [--ops "grid_scan,lightnet box"] [--out F.json]
     python benchmarks/scan.py --host --backends triton   # the host's time per step at a tiny input
 """
 
@@ -104,6 +104,7 @@ def main():
     parser.add_argument("--dims", default="2", help="comma-separated grid dimensionalities (1 and/or 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scan.json")
     parser.add_argument("--host", action="store_true", help="only the host time per step at a tiny input")
+    parser.add_argument("--ops", default="grid_scan,lightnet causal,lightnet box", help="comma-separated ops to time")
     args = parser.parse_args()
     if args.host:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -136,9 +137,11 @@ def main():
                                              [q, k, v, *gates.values()], "sdpa")
             runs[f"lightnet causal[{backend}]"] = (
                 lambda b=backend: lightnet_scan(q, k, v, mode="causal", backend=b), [q, k, v], causal_baseline)
-            if n > 1 and backend != "triton":  # 2D box mode has no Triton path yet
+            if n > 1:  # box mode on a 1D grid is causal mode
                 runs[f"lightnet box[{backend}]"] = (
                     lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v], "sdpa")
+        ops = args.ops.split(",")
+        runs = {name: run for name, run in runs.items() if name.startswith("sdpa") or name.split("[")[0] in ops}
         results = {}
         for name, (run, leaves, _) in runs.items():
             try:
