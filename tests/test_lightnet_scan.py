@@ -66,9 +66,16 @@ def test_box_paths_at_the_tiles_limit(spread, tiled, generator, device, monkeypa
     k[:, 0, 0] = -spread / 2
     k[:, -1, -1] = spread / 2
     assert tiles_fit(k) == tiled
-    ref = lightnet_scan(q, k, v, mode="box", backend="reference")
-    assert relative_error(lightnet_scan(q.float().to(device), k.float().to(device), v.float().to(device),
-                                        mode="box", backend="torch"), ref) < 1e-5
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = lightnet_scan(*ref_leaves, mode="box", backend="reference")
+    leaves = [x.float().to(device).requires_grad_() for x in (q, k, v)]
+    out = lightnet_scan(*leaves, mode="box", backend="torch")
+    assert relative_error(out, ref) < 1e-5
+    weight = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
+    (ref * weight).sum().backward()
+    (out * weight.to(device, out.dtype)).sum().backward()
+    for name, a, b in zip("qkv", leaves, ref_leaves):  # the gradient of Z spans e^-58..1 here
+        assert relative_error(a.grad, b.grad) < 1e-5, name
 
 
 def test_causal_is_box_on_the_flattened_sequence(generator):

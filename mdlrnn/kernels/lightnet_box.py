@@ -1,4 +1,8 @@
-r"""Triton kernels for LightNet's box mode on 2D grids: a sweep down the rows with the columns side by side.
+r"""LightNet's box mode on 2D grids as one custom op pair, mdlrnn::lightnet_box and its backward.
+
+The op runs the tiled products of mdlrnn.ops.lightnet.tiles (batched matrix products, their backward written
+out) wherever one reference per key channel is exact, and otherwise the Triton kernels here: a sweep down the
+rows with the columns side by side.
 
 Per key channel c, y_p = scale sum_c q_p[c] N_p[c] / Z_p[c] with N_p = sum_{s<=p} e^{k_s} v_s and
 Z_p = sum_{s<=p} e^{k_s} over the box s <= p on both axes. Each program owns one (batch, head), a block of
@@ -12,7 +16,7 @@ channels and a block of values, and walks the rows i in order with a whole row o
 
 Every factor is e^{a - b} with b the maximum of a region holding a, so every factor is <= 1 and logits of any
 size stay finite; z_p = Z_p e^{-m_p} >= 1. Work and memory are linear in the positions: A holds a row of
-states, (columns, channels, values) per program, and nothing per position is kept but m and z.
+states, (channels, values, columns) per program, and nothing per position is kept but m and z.
 
 Backward, with u_p = scale q_p / z_p and delta_p = dq_p / scale = g_p . N_p / Z_p:
 
@@ -39,7 +43,7 @@ import triton.language as tl
 from ..ops.lightnet.tiles import lightnet_box_tiles, lightnet_box_tiles_backward, tiles_fit
 from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
 
-STATE = 4096  # floats of row state a program holds (columns x channels x values, x2 with angles)
+STATE = 4096  # floats of row state a program holds (channels x values x columns, x2 with angles)
 WARPS = 8
 NEG = tl.constexpr(-1e30)  # the maximum of nothing: finite, so that e^{NEG - NEG} = 1 on padding, never NaN
 BIG = tl.constexpr(1e30)

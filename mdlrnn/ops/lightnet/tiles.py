@@ -1,7 +1,8 @@
 r"""LightNet's 2D box mode as tiled linear attention: batched matrix products, linear in the positions.
 
-With one reference per key channel, the maximum M[c] of its logits over the grid, k'_s = e^{k_s - M} <= 1 and
-Z_p = sum_{s<=p} k'_s (two cumulative sums), box mode is linear attention with a box mask:
+With one reference per key channel, its logit at the first position k_0 (which lies in every box, so each output
+depends on its box alone, exactly), k'_s = e^{k_s - k_0} and Z_p = sum_{s<=p} k'_s >= 1 (two cumulative sums),
+box mode is linear attention with a box mask:
 
     y_p = scale sum_{s<=p} (q'_p . k'_s) v_s,   q'_p = q_p / Z_p.
 
@@ -14,9 +15,9 @@ of p (strip I, tile J, row r and column c inside it) is three disjoint parts:
 - the tile itself: a masked product of its (strip x tile)^2 scores, s <= p on both axes.
 Rotary angles double the channels, [q' cos, q' sin] and [k' cos, k' sin].
 
-The one reference per channel is exact while no position's box lies far below it: a box holding no logit
-within SPREAD of M would underflow. `tiles_fit` says whether every box holds such a logit (the box of the first
-position holds only its own), and callers take the running-maxima paths otherwise.
+The one reference per channel serves while no logit rises SPREAD or more above it (k' <= e^SPREAD keeps Z, the
+states and the products well inside float32); terms far below it vanish beside Z >= 1. `tiles_fit` says
+whether that holds, and callers take the running-maxima paths otherwise.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import torch.nn.functional as F
 
 STRIP = 16
 TILE = 16
-SPREAD = 60.0  # e^-60 ~ 1e-26: Z, q' and the states stay well inside float32 (and bfloat16's) range
+SPREAD = 60.0  # e^60 ~ 1e26: Z, q' and the states stay well inside float32's range
 
 
 def tiles_fit(k: torch.Tensor) -> bool:
-    """Whether one reference per (batch, head, channel) is exact: max k - k at the first position < SPREAD."""
+    """Whether one reference per (batch, head, channel) serves: max k - k at the first position < SPREAD."""
     spread = k.detach().flatten(1, 2).amax(1) - k.detach()[:, 0, 0]
     return bool((spread < SPREAD).all())
 
@@ -50,7 +51,8 @@ def _tiled(x: torch.Tensor, strips: int, strip: int, tiles: int, tile: int) -> t
 
 
 def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sums of the entries before each one (not cumsum - x: its terms span e^-60..1 and would cancel)."""
+    """Sums of the entries before each one (not cumsum - x: its terms span many orders of magnitude and would
+    cancel)."""
     before = x.narrow(dim, 0, x.shape[dim] - 1).cumsum(dim)
     return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), before], dim)
 
@@ -87,13 +89,31 @@ def _rotated(x: torch.Tensor, angles) -> torch.Tensor:
 
 
 def _weights(k: torch.Tensor) -> torch.Tensor:
-    return torch.exp(k - k.detach().flatten(1, 2).amax(1)[:, None, None])
+    """e^{k - k_0}: the output does not depend on the reference, which carries no gradient."""
+    return torch.exp(k - k.detach()[:, :1, :1])
+
+
+class _Normalized(torch.autograd.Function):
+    """q' = scale q / Z with the gradient of Z as -(dq' . q') / Z: autograd's -dq' q / Z^2 squares Z, up to
+    e^120, out of float32's range."""
+
+    @staticmethod
+    def forward(ctx, q, z, scale: float):
+        q_prime = scale * q / z
+        ctx.save_for_backward(q_prime, z)
+        ctx.scale = scale
+        return q_prime
+
+    @staticmethod
+    def backward(ctx, d_q_prime):
+        q_prime, z = ctx.saved_tensors
+        return ctx.scale * d_q_prime / z, -(d_q_prime * q_prime) / z, None
 
 
 def lightnet_box_tiles(q, k, v, scale: float, angles=None) -> torch.Tensor:
     """y (B, X, Y, H, Dv) for (B, X, Y, H, D) inputs (one float dtype); differentiable. Assumes tiles_fit(k)."""
     weights = _weights(k)
-    query = scale * q / weights.cumsum(1).cumsum(2)
+    query = _Normalized.apply(q, weights.cumsum(1).cumsum(2), scale)
     return box_attention(_rotated(query, angles), _rotated(weights, angles), v)
 
 
