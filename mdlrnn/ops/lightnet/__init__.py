@@ -26,7 +26,7 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
             by cos(angles_p[c] - angles_s[c]), the relative positional encoding (LRPE) of LightNet.
         backend: "auto" (the Triton kernels on CUDA for causal mode and box mode on 1D and 2D grids, up to 128
             key channels (causal: 2 Dk with angles) and 128 values per head; the torch path elsewhere),
-            "reference", "torch" or "triton".
+            "reference", "torch" or "triton" (also global mode: a fused reduction).
 
     .. math::
         y_p = \text{scale} \sum_c q_p[c] \sum_{s \in R(p)} \operatorname{softmax}_{s \in R(p)}(k_s[c])
@@ -69,17 +69,20 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
 def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int, values: int,
                 dtype: torch.dtype) -> bool:
     """Whether the Triton kernels run it: causal mode (up to 128 key channels per head, Dk or 2 Dk with
-    angles), box mode on 1D and 2D grids (up to 128 key channels), up to 128 values; "auto" takes them on CUDA."""
+    angles), global mode and box mode on 1D and 2D grids (up to 128 key channels), up to 128 values; "auto"
+    takes them on CUDA, but for global mode."""
     from ... import kernels
     from ...kernels.lightnet import MAX_DK, MAX_DV
 
-    box = mode == "box" and q.dim() == 5 and not _causal_box(q)
+    if mode == "global" and backend == "auto":  # a fused reduction, not yet timed on a GPU against the torch path
+        return False
+    whole = mode == "global" or (mode == "box" and q.dim() == 5 and not _causal_box(q))  # Dk channels, any angles
     causal = mode == "causal" or (mode == "box" and _causal_box(q))
-    fits = (causal or box) and values <= MAX_DV and (q.shape[-1] if box else channels) <= MAX_DK
+    fits = (causal or whole) and values <= MAX_DV and (q.shape[-1] if whole else channels) <= MAX_DK
     unfit = None if fits else (
-        f"runs causal mode with up to {MAX_DK} key channels per head (Dk, or 2 Dk with angles), box mode on 1D "
-        f"and 2D grids with up to {MAX_DK}, and up to {MAX_DV} values; got mode={mode!r} on {q.dim() - 3} axes, "
-        f"Dk={q.shape[-1]}, {channels} channels and {values} values")
+        f"runs causal mode with up to {MAX_DK} key channels per head (Dk, or 2 Dk with angles), global mode and "
+        f"box mode on 1D and 2D grids with up to {MAX_DK}, and up to {MAX_DV} values; got mode={mode!r} on "
+        f"{q.dim() - 3} axes, Dk={q.shape[-1]}, {channels} channels and {values} values")
     return kernels.choose(op, backend, q.device, dtype, unfit)
 
 
@@ -89,13 +92,18 @@ def _causal_box(q: torch.Tensor) -> bool:
 
 
 def _on_triton(q, k, v, mode: str, scale: float, angles):
-    """Box mode on a 2D grid: its row sweep (mdlrnn.kernels.lightnet_box); else the causal kernels."""
+    """Global mode: its fused reduction (mdlrnn.kernels.lightnet_global); box mode on a 2D grid: its op
+    (mdlrnn.kernels.lightnet_box); else the causal kernels."""
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
     with torch.autocast(q.device.type, enabled=False):
+        if mode == "global":
+            from ...kernels.lightnet_global import lightnet_global_triton
+
+            return lightnet_global_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)
         if mode == "box" and not _causal_box(q):
             from ...kernels.lightnet_box import lightnet_box_triton
 
             return lightnet_box_triton(q, k, v, scale, angles).to(v.dtype)
         from ...kernels.lightnet import lightnet_causal_triton
 
-        precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
         return lightnet_causal_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)

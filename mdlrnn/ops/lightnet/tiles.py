@@ -81,7 +81,7 @@ def box_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor)
     return out[:, :x, :y]
 
 
-def _rotated(x: torch.Tensor, angles) -> torch.Tensor:
+def rotated(x: torch.Tensor, angles) -> torch.Tensor:
     """[x cos, x sin] with angles (2 C channels), else x."""
     if angles is None:
         return x
@@ -114,7 +114,7 @@ def lightnet_box_tiles(q, k, v, scale: float, angles=None) -> torch.Tensor:
     """y (B, X, Y, H, Dv) for (B, X, Y, H, D) inputs (one float dtype); differentiable. Assumes tiles_fit(k)."""
     weights = _weights(k)
     query = _Normalized.apply(q, weights.cumsum(1).cumsum(2), scale)
-    return box_attention(_rotated(query, angles), _rotated(weights, angles), v)
+    return box_attention(rotated(query, angles), rotated(weights, angles), v)
 
 
 def _flipped(x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +122,7 @@ def _flipped(x: torch.Tensor) -> torch.Tensor:
     return x.flip(1, 2)
 
 
-def _unrotated(grad: torch.Tensor, x: torch.Tensor, angles):
+def unrotated(grad: torch.Tensor, x: torch.Tensor, angles):
     """The gradient of x and of the angles from the gradient of [x cos, x sin] (None for the angles without)."""
     if angles is None:
         return grad, None
@@ -142,12 +142,12 @@ def lightnet_box_tiles_backward(q, k, v, angles, dy, scale: float):
     weights = _weights(k)
     z = weights.cumsum(1).cumsum(2)
     q_prime = scale * q / z
-    query, keys = _rotated(q_prime, angles), _rotated(weights, angles)
+    query, keys = rotated(q_prime, angles), rotated(weights, angles)
     d_query = box_attention(dy, v, keys)
     d_keys = _flipped(box_attention(_flipped(v), _flipped(dy), _flipped(query)))
     dv = _flipped(box_attention(_flipped(keys), _flipped(query), _flipped(dy)))
-    d_q_prime, d_angles = _unrotated(d_query, q_prime, angles)
-    d_weights, d_angles_keys = _unrotated(d_keys, weights, angles)
+    d_q_prime, d_angles = unrotated(d_query, q_prime, angles)
+    d_weights, d_angles_keys = unrotated(d_keys, weights, angles)
     d_z = -d_q_prime * q_prime / z
     d_weights = d_weights + _flipped(_flipped(d_z).cumsum(1).cumsum(2))  # Z's transpose: sums over p >= s
     if angles is not None:
