@@ -2,9 +2,9 @@
 
 1D grids of 196 (B=64) to 16384 positions (B=2) and 2D grids of 14x14 (B=64) to 128x128 (B=2), H=3, D=64,
 transitions over (-1, 1) with some exactly zero; float32 and bfloat16 inputs; the output and every gradient.
-LightNet's causal mode on the same grids and its box mode on the 2D ones (`--ops lightnet,lightnet_box`; their
-reference is the float64 torch path). The kernels' outputs are poisoned with NaN before they run
-(kernels.POISON), so anything a kernel fails to write shows up.
+LightNet's causal and global modes on the same grids and its box mode on the 2D ones (`--ops lightnet,
+lightnet_box,lightnet_global`; their reference is the float64 torch path). The kernels' outputs are poisoned
+with NaN before they run (kernels.POISON), so anything a kernel fails to write shows up.
 Bounds (DEVELOPERS' brief): float32 1e-5, bfloat16 1e-2 relative error ||out - ref|| / ||ref||. Prints a table,
 writes JSON and exits 1 on any failure.
 
@@ -79,7 +79,7 @@ def check_lightnet(sizes, batch, heads: int, dim: int, seed: int, mode: str = "c
         (y.double() * weight).sum().backward()
         errors = {"y": relative_error(y, ref)}
         errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
-        name = f"lightnet {mode}" if mode == "causal" else f"box {'tiles' if spread < 10 else 'sweeps'}"
+        name = f"lightnet {mode}" if mode != "box" else f"box {'tiles' if spread < 10 else 'sweeps'}"
         rows.append(dict(op=name, sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""),
                          bound=bound, errors=errors, worst=max(errors.values()), ok=max(errors.values()) < bound))
         del ref, y, ref_leaves, leaves
@@ -92,8 +92,8 @@ def main():
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "check_kernels.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dims", default="1,2", help="comma-separated grid dimensionalities")
-    parser.add_argument("--ops", default="grid_scan,lightnet,lightnet_box",
-                        help="grid_scan, lightnet (causal mode) and/or lightnet_box (box mode, 2D grids)")
+    parser.add_argument("--ops", default="grid_scan,lightnet,lightnet_box,lightnet_global",
+                        help="grid_scan, lightnet (causal mode), lightnet_box (box mode, 2D grids), lightnet_global")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
     kernels.POISON = True
@@ -102,7 +102,8 @@ def main():
     rows = []
     # box mode: logits spread 8 take the tiled products, spread 30 (over 60 from the first position) the sweeps
     checks = {"grid_scan": check, "lightnet": check_lightnet,
-              "lightnet_box": lambda *a: check_lightnet(*a, mode="box") + check_lightnet(*a, mode="box", spread=30.0)}
+              "lightnet_box": lambda *a: check_lightnet(*a, mode="box") + check_lightnet(*a, mode="box", spread=30.0),
+              "lightnet_global": lambda *a: check_lightnet(*a, mode="global")}
     cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
     # box mode on a 1D grid is causal mode
     for op, sizes, batch in [(op, *case) for op in args.ops.split(",") for case in cases

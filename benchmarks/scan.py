@@ -1,9 +1,9 @@
 """GPU timing of the scan backends on pLSTM-sized grids, against scaled_dot_product_attention.
 
 For grids 14x14 (B=64) to 128x128 (B=2), H=3, D=64, bf16 inputs: forward and forward+backward time and
-peak memory of grid_scan's and lightnet_scan's (causal and box) backends, and, in the same process, SDPA on the
-same token count, each op against its attention (f+b / attn): grid_scan and LightNet's box mode against SDPA,
-LightNet's causal mode against causal SDPA. `--dims 1` times 1D grids of the same token counts (196 to 16384),
+peak memory of grid_scan's and lightnet_scan's (causal, box, global) backends, and, in the same process, SDPA on
+the same token count, each op against its attention (f+b / attn): grid_scan and LightNet's box and global modes
+against SDPA, LightNet's causal mode against causal SDPA. `--dims 1` times 1D grids of the same token counts (196 to 16384),
 where everything is causal.
 Prints a table and writes JSON.
 
@@ -104,7 +104,8 @@ def main():
     parser.add_argument("--dims", default="2", help="comma-separated grid dimensionalities (1 and/or 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scan.json")
     parser.add_argument("--host", action="store_true", help="only the host time per step at a tiny input")
-    parser.add_argument("--ops", default="grid_scan,lightnet causal,lightnet box", help="comma-separated ops to time")
+    parser.add_argument("--ops", default="grid_scan,lightnet causal,lightnet box,lightnet global",
+                        help="comma-separated ops to time")
     args = parser.parse_args()
     if args.host:
         print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -137,6 +138,8 @@ def main():
                                              [q, k, v, *gates.values()], "sdpa")
             runs[f"lightnet causal[{backend}]"] = (
                 lambda b=backend: lightnet_scan(q, k, v, mode="causal", backend=b), [q, k, v], causal_baseline)
+            runs[f"lightnet global[{backend}]"] = (
+                lambda b=backend: lightnet_scan(q, k, v, mode="global", backend=b), [q, k, v], "sdpa")
             if n > 1:  # box mode on a 1D grid is causal mode
                 runs[f"lightnet box[{backend}]"] = (
                     lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v], "sdpa")
