@@ -18,6 +18,41 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
+def lightnet_errors(shape, dv: int, generator, device, *, mode: str, spread: float = 1.0, rotary: bool = False,
+                    dtype=torch.float32, transform=lambda x: x, backend: str = "triton") -> dict:
+    """Relative errors of lightnet_scan's y and the gradients of q, k, v (and of learned rotary angles) on
+    `backend` against the float64 reference on the same inputs rounded to `dtype` (angles to float32);
+    q, k, v (shape[:-1], Dv for v) pass through `transform` first; logits k ~ spread * N(0, 1)."""
+    from .ops.lightnet import lightnet_scan
+
+    randn = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)
+    leaves64 = [randn(*shape), spread * randn(*shape), randn(*shape[:-1], dv)]
+    if rotary:
+        leaves64.append(6 * torch.rand(shape, generator=generator, dtype=torch.float64))
+    leaves64 = [x.to(dtype if i < 3 else torch.float32).double().requires_grad_() for i, x in enumerate(leaves64)]
+    leaves = [x.detach().to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves64)]
+    angles = lambda xs: xs[3] if rotary else None
+    ref = lightnet_scan(*leaves64[:3], mode=mode, angles=angles(leaves64), backend="reference")
+    out = lightnet_scan(*(transform(x) for x in leaves[:3]), mode=mode, angles=angles(leaves), backend=backend)
+    assert out.dtype == dtype and out.shape == ref.shape
+    weight = randn(*ref.shape)
+    (ref * weight).sum().backward()
+    (out * weight.to(device, dtype)).sum().backward()
+    errors = {"y": relative_error(out, ref)}
+    errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip(("q", "k", "v", "angles"), leaves, leaves64)})
+    return errors
+
+
+def lightnet_errors_with_torch(shape, dv: int, generator, device, *, mode: str, **options) -> tuple[dict, dict]:
+    """lightnet_errors of backend='triton' and, on the same inputs, of the float32 torch path on the CPU: where
+    float32 cannot resolve a gradient (dk of a softmax saturated by huge logits, a difference of terms that agree
+    far below float32's resolution) the kernels are held to the torch path's error."""
+    state = generator.get_state()
+    kernels = lightnet_errors(shape, dv, generator, device, mode=mode, **options)
+    generator.set_state(state)
+    return kernels, lightnet_errors(shape, dv, generator, "cpu", mode=mode, backend="torch", **options)
+
+
 def grid_inputs(batch, sizes, heads, dk, dv, *, generator=None, dtype=torch.float64, direct=True, device="cpu"):
     """Random grid_scan arguments: gates in (0, 1) (transitions in (-1/N, 1/N)) so that states stay bounded."""
     ndim = len(sizes)

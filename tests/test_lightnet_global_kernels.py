@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdlrnn import lightnet_scan
-from mdlrnn.testing import relative_error
+from mdlrnn.testing import lightnet_errors, lightnet_errors_with_torch, relative_error
 
 pytest.importorskip("triton")
 from mdlrnn.kernels import lightnet_global as kernel  # noqa: E402
@@ -17,25 +17,8 @@ def device(kernel_device):
     return kernel_device
 
 
-def compare(shape, dv, generator, device, *, spread=1.0, rotary=False, dtype=torch.float32, transform=lambda x: x):
-    """Relative errors of y and the gradients of q, k, v (and the angles) against the float64 reference on the
-    same inputs rounded to `dtype`; logits k ~ spread * N(0, 1)."""
-    randn = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64)
-    leaves64 = [randn(*shape), spread * randn(*shape), randn(*shape[:-1], dv)]
-    if rotary:
-        leaves64.append(6 * torch.rand(shape, generator=generator, dtype=torch.float64))
-    leaves64 = [x.to(dtype if i < 3 else torch.float32).double().requires_grad_() for i, x in enumerate(leaves64)]
-    leaves = [x.detach().to(device, dtype if i < 3 else torch.float32).requires_grad_() for i, x in enumerate(leaves64)]
-    angles = lambda xs: xs[3] if rotary else None
-    ref = lightnet_scan(*leaves64[:3], mode="global", angles=angles(leaves64), backend="reference")
-    out = lightnet_scan(*(transform(x) for x in leaves[:3]), mode="global", angles=angles(leaves), backend="triton")
-    assert out.dtype == dtype and out.shape == ref.shape
-    weight = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
-    (ref * weight).sum().backward()
-    (out * weight.to(device, dtype)).sum().backward()
-    errors = {"y": relative_error(out, ref)}
-    errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip(("q", "k", "v", "angles"), leaves, leaves64)})
-    return errors
+def compare(shape, dv, generator, device, **options):
+    return lightnet_errors(shape, dv, generator, device, mode="global", **options)
 
 
 @pytest.mark.parametrize("sizes", [(1,), (63,), (150,), (5, 7), (2, 3, 4)], ids=str)
@@ -49,12 +32,12 @@ def test_float32_matches_reference(sizes, rotary, generator, device):
 @pytest.mark.parametrize("spread", [30.0, 300.0])
 def test_large_logits(spread, generator, device):
     """The blocks' maxima and their join in the frame of the largest keep every factor <= 1. At spread 300 each
-    channel's softmax over 150 positions is one-hot to float32 (its next weight below e^-30): dk, a difference
-    of terms that agree to far below float32's resolution, is checked on spread 30 only (the torch path misses
-    it at spread 300 alike)."""
-    errors = compare((1, 150, 2, 16), 16, generator, device, spread=spread)
-    if spread > 100:
-        del errors["k"]
+    channel's softmax over 150 positions is one-hot to float32: dk, a difference of terms that agree far below
+    float32's resolution, is noise on every path (1e-6 to 74 relative on the torch path over seeds) and is held
+    to three times the float32 torch path's error on the same inputs."""
+    errors, torch_errors = lightnet_errors_with_torch((1, 150, 2, 16), 16, generator, device, mode="global",
+                                                      spread=spread)
+    assert errors.pop("k") < max(1e-5, 3 * torch_errors["k"]), (errors, torch_errors)
     assert max(errors.values()) < 1e-5, errors
 
 

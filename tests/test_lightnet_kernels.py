@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdlrnn import lightnet_scan
-from mdlrnn.testing import relative_error
+from mdlrnn.testing import lightnet_errors_with_torch, relative_error
 
 pytest.importorskip("triton")
 from mdlrnn.kernels import lightnet as kernel  # noqa: E402
@@ -67,12 +67,15 @@ def test_grids_and_rotary_angles(mode, sizes, rotary, generator, device):
     assert max(errors.values()) < 1e-5, errors
 
 
-@pytest.mark.parametrize("spread,bound", [(30.0, 1e-5), (300.0, 3e-5)])
-def test_large_logits(spread, bound, generator, device):
+@pytest.mark.parametrize("spread", [30.0, 300.0])
+def test_large_logits(spread, generator, device):
     """Logits far beyond exp's float32 range: the running maxima keep every factor <= 1, finite and exact.
-    At spread 300 dk (a softmax gradient: terms of logit size cancel) reaches 1e-5 in float32, as on the torch path."""
-    errors = compare((1, 70, 2, 16), 16, generator, device, spread=spread)
-    assert max(errors.values()) < bound, errors
+    At spread 300 dk (a nearly saturated softmax's gradient: terms of logit size cancel) is held to three times the
+    float32 torch path's error on the same inputs (1e-6 to 1e-4 over seeds)."""
+    errors, torch_errors = lightnet_errors_with_torch((1, 70, 2, 16), 16, generator, device, mode="causal",
+                                                      spread=spread)
+    assert errors.pop("k") < max(1e-5, 3 * torch_errors["k"]), (errors, torch_errors)
+    assert max(errors.values()) < 1e-5, errors
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
