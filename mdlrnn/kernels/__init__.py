@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ..ops._checks import first_order_only  # noqa: F401 (the kernel ops' backward calls it)
+
 # looked up once: torch.compile does not trace importlib, and the answer cannot change while running
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
 
 
 @triton.jit
@@ -330,6 +330,7 @@ class GridScan1D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _):
+        first_order_only("grid_scan")
         return _gradients(ctx, dy, _scan_backward)
 
 

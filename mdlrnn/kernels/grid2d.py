@@ -20,7 +20,7 @@ import torch
 
 from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
-from . import eager_forward, run
+from . import eager_forward, first_order_only, run
 from .tiles import (Rows, TritonTiles, exit_states, exits_backward, readout, readout_backward, transfer,
                     transfer_backward)
 
@@ -173,6 +173,7 @@ class GridScan2D(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        first_order_only("grid_scan")
         return _gradients(ctx, dy, _scan_backward)
 
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
@@ -607,6 +607,7 @@ class LightNetCausal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
+        first_order_only("lightnet_scan")
         return _gradients(ctx, dy, _backward)
 
 

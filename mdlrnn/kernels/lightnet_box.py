@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet.tiles import lightnet_box_tiles, lightnet_box_tiles_backward, tiles_fit
-from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
 
 STATE = 4096  # floats of row state a program holds (channels x values x columns, x2 with angles)
 WARPS = 8
@@ -141,7 +141,8 @@ def _forward_sweep_kernel(Q, K, V, ANGLES, DY, OUT, OUT_ANGLES, M, Z,
     a_cos = tl.zeros([CB, DB, W], tl.float32)  # column sums (of e^k cos(a) v with angles)
     a_sin = tl.zeros([CB, DB, W], tl.float32)
     a_z = tl.zeros([CB, W], tl.float32)
-    for i in range(X):
+    for row in range(X):
+        i = tl.cast(row, tl.int64)  # offsets in int64: a batch element may hold more than 2^31 elements
         k_base = b * skb + i * skx + h * skh
         k_row = _logits(K, k_base, sky, j, jm, c, cm)
         ml = tl.maximum(ml, _logits(K, k_base - sky, sky, j, left, c, cm))
@@ -204,7 +205,7 @@ def _reverse_sweep_kernel(Q, K, V, ANGLES, DY, M, Z, DQ, OUT, OUT_ANGLES,
     b_sin = tl.zeros([CB, DB, W], tl.float32)
     b_h = tl.zeros([CB, W], tl.float32)
     for step in range(X):
-        i = X - 1 - step
+        i = tl.cast(X - 1 - step, tl.int64)
         saved = _row_base(b, i, h, X, Y, H, DK)
         m = _load(M, saved, H * DK, j, jm, c, cm, 0.0)
         m_right = tl.where(right[None, :], _load(M, saved + H * DK, H * DK, j, right, c, cm, 0.0), m)
@@ -288,7 +289,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional
     if tiles_fit(k):
         dtype = torch.float32
         y = lightnet_box_tiles(q.to(dtype), k.to(dtype), v.to(dtype), scale, angles).to(v.dtype).contiguous()
-        return y, *(q.new_empty(q.shape, dtype=dtype) for _ in range(2))  # m, z: kept by the sweeps only
+        return y, *(q.new_zeros(q.shape, dtype=dtype) for _ in range(2))  # m, z: kept by the sweeps only
     sizes = (batch, x, y, heads, dk, dv)
     cb, _ = _blocks(next_power_of_2(y), dk, dv, angles is not None, "c")
     out = _parts(cdiv(dk, cb), sizes, dv, v.device, v.dtype)
@@ -379,6 +380,7 @@ class LightNetBox(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
+        first_order_only("lightnet_scan")
         return _gradients(ctx, dy, _backward)
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet.tiles import rotated, unrotated
-from . import cdiv, eager_forward, empty, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
 
 BN = 64  # positions per program
 
@@ -195,6 +195,7 @@ class LightNetGlobal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, *_):
+        first_order_only("lightnet_scan")
         return _gradients(ctx, dy, _backward)
 
 

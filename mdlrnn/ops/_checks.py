@@ -58,3 +58,12 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """fp32 accumulation for half precision inputs; float64 stays float64."""
     dtypes = [x.dtype for x in tensors if x is not None]
     return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+def first_order_only(op: str) -> None:
+    """Called first in the backward of an op whose gradients are computed outside autograd (the Triton kernels,
+    the torch paths' adjoint scans): they carry no graph, so a backward that should record one
+    (create_graph=True, as for a gradient penalty) would silently treat them as constants; raise instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: this backend gives first derivatives only (a backward with create_graph=True went "
+                           "through it); higher derivatives need backend='reference'")

@@ -15,7 +15,8 @@ both.
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from .._checks import first_order_only
 
 
 class TorchScanner:
@@ -77,8 +78,8 @@ class DagScan(torch.autograd.Function):
         return scale * y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
+        first_order_only("dag_scan")
         q, k, v, source, transition, mark, direct, states, read = ctx.saved_tensors
         graph, g = ctx.graph, ctx.scale * dy
         s_sorted, m_sorted = source.index_select(0, graph.edge_order), mark.index_select(0, graph.edge_order)

@@ -60,7 +60,7 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
     dtype = compute_dtype(q)
     channels = (1 if angles is None else 2) * q.shape[-1]  # what the kernel's q' and k' hold per head
     if _on_kernels(op, backend, mode, q, channels, v.shape[-1], dtype):
-        return _on_triton(q, k, v, mode, scale, angles)
+        return _on_triton(q, k, v, mode, scale, angles, channels)
     args = [q.to(dtype), k.to(dtype), v.to(dtype), mode, scale, None if angles is None else angles.to(dtype)]
     with torch.autocast(q.device.type, enabled=False):
         return _BACKENDS["torch" if backend == "auto" else backend](*args).to(v.dtype)
@@ -76,31 +76,34 @@ def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int
 
     if mode == "global" and backend == "auto":  # a fused reduction, not yet timed on a GPU against the torch path
         return False
-    whole = mode == "global" or (mode == "box" and q.dim() == 5 and not _causal_box(q))  # Dk channels, any angles
-    causal = mode == "causal" or (mode == "box" and _causal_box(q))
-    fits = (causal or whole) and values <= MAX_DV and (q.shape[-1] if whole else channels) <= MAX_DK
+    fits = values <= MAX_DV and (_causal_fits(mode, q, channels) or (
+        (mode == "global" or (mode == "box" and q.dim() == 5)) and q.shape[-1] <= MAX_DK))
     unfit = None if fits else (
-        f"runs causal mode with up to {MAX_DK} key channels per head (Dk, or 2 Dk with angles), global mode and "
-        f"box mode on 1D and 2D grids with up to {MAX_DK}, and up to {MAX_DV} values; got mode={mode!r} on "
-        f"{q.dim() - 3} axes, Dk={q.shape[-1]}, {channels} channels and {values} values")
+        f"runs causal mode (and box mode on 1D grids) with up to {MAX_DK} key channels per head (Dk, or 2 Dk with "
+        f"angles), global mode and box mode on 2D grids with Dk up to {MAX_DK}, and up to {MAX_DV} values; got "
+        f"mode={mode!r} on {q.dim() - 3} axes, Dk={q.shape[-1]}, {channels} channels and {values} values")
     return kernels.choose(op, backend, q.device, dtype, unfit)
 
 
-def _causal_box(q: torch.Tensor) -> bool:
-    """Box mode with at most one axis longer than 1 is causal mode on the flattened sequence."""
-    return sum(size > 1 for size in q.shape[1:-2]) <= 1
+def _causal_fits(mode: str, q: torch.Tensor, channels: int) -> bool:
+    """Whether the causal kernels take it: causal mode, or box mode with at most one axis longer than 1 (causal
+    mode on the flattened sequence), with up to 128 channels (2 Dk with angles)."""
+    from ...kernels.lightnet import MAX_DK
+
+    along_one_axis = sum(size > 1 for size in q.shape[1:-2]) <= 1
+    return (mode == "causal" or (mode == "box" and along_one_axis)) and channels <= MAX_DK
 
 
-def _on_triton(q, k, v, mode: str, scale: float, angles):
-    """Global mode: its fused reduction (mdlrnn.kernels.lightnet_global); box mode on a 2D grid: its op
-    (mdlrnn.kernels.lightnet_box); else the causal kernels."""
+def _on_triton(q, k, v, mode: str, scale: float, angles, channels: int):
+    """Global mode: its fused reduction (mdlrnn.kernels.lightnet_global); causal mode and box mode along one
+    axis: the causal kernels; box mode on other 2D grids: its op (mdlrnn.kernels.lightnet_box)."""
     precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
     with torch.autocast(q.device.type, enabled=False):
         if mode == "global":
             from ...kernels.lightnet_global import lightnet_global_triton
 
             return lightnet_global_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)
-        if mode == "box" and not _causal_box(q):
+        if not _causal_fits(mode, q, channels):
             from ...kernels.lightnet_box import lightnet_box_triton
 
             return lightnet_box_triton(q, k, v, scale, angles).to(v.dtype)
