@@ -17,7 +17,10 @@ Rotary angles double the channels, [q' cos, q' sin] and [k' cos, k' sin].
 
 The one reference per channel serves while no logit rises SPREAD or more above it (k' <= e^SPREAD keeps Z, the
 states and the products well inside float32); terms far below it vanish beside Z >= 1. `tiles_fit` says
-whether that holds, and callers take the running-maxima paths otherwise.
+whether that holds, and callers take the running-maxima paths otherwise. Each path is exactly causal in the
+box, but the choice is made once per call, over the whole batch: a logit far outside a position's box (or in
+another batch element) can switch the path and so move that position's output by float32 rounding. The
+products follow torch's float32 matmul precision (TF32 where the caller enables it).
 """
 
 from __future__ import annotations
