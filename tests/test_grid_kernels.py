@@ -222,10 +222,11 @@ def test_nan_gate_propagates_like_the_reference(generator, device):
 
 
 def test_tile_kernels_refuse_double_backward(generator, device, small_tiles):
+    """Several tiles (small_tiles): a backward that records a graph raises at once (tests/test_double_backward.py
+    covers every op)."""
     inputs = {k: x.float().to(device).requires_grad_() for k, x in grid_inputs(1, (5, 6), 1, 2, 2, generator=generator).items()}
-    (grad,) = torch.autograd.grad(grid_scan(**inputs, backend="triton").sum(), inputs["q"], create_graph=True)
-    with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad|no autograd formula"):
-        grad.sum().backward()
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        torch.autograd.grad(grid_scan(**inputs, backend="triton").sum(), inputs["q"], create_graph=True)
 
 
 def test_tile_kernels_half_precision(generator, device, small_tiles):
