@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mdlrnn import lightnet_scan
-from mdlrnn.testing import lightnet_errors_with_torch, relative_error
+from mdlrnn.testing import lightnet_errors, lightnet_errors_with_torch, relative_error
 
 pytest.importorskip("triton")
 from mdlrnn.kernels import lightnet as kernel  # noqa: E402
@@ -17,25 +17,8 @@ def device(kernel_device):
     return kernel_device
 
 
-def compare(shape, dv, generator, device, *, mode="causal", spread=1.0, rotary=False, dtype=torch.float32,
-            transform=lambda x: x):
-    """Relative errors of y, dq, dk, dv from backend='triton' (inputs in `dtype`, passed through `transform`)
-    against the float64 reference on the same inputs (rounded to `dtype`); logits k ~ spread * N(0, 1)."""
-    randn = lambda *s: torch.randn(*s, generator=generator, dtype=torch.float64).to(dtype).double()
-    q, k, v = randn(*shape), (spread * randn(*shape)).to(dtype).double(), randn(*shape[:-1], dv)
-    angles = (6 * torch.rand(shape, generator=generator, dtype=torch.float64)).to(dtype).double() if rotary else None
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = lightnet_scan(*ref_leaves, mode=mode, angles=angles, backend="reference")
-    leaves = [x.to(device, dtype).requires_grad_() for x in (q, k, v)]
-    out = lightnet_scan(*(transform(x) for x in leaves), mode=mode, backend="triton",
-                        angles=None if angles is None else angles.to(device, dtype))
-    assert out.dtype == dtype and out.shape == ref.shape
-    weight = torch.randn(ref.shape, generator=generator, dtype=torch.float64)
-    (ref * weight).sum().backward()
-    (out * weight.to(device, dtype)).sum().backward()
-    errors = {"y": relative_error(out, ref)}
-    errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
-    return errors
+def compare(shape, dv, generator, device, *, mode="causal", **options):
+    return lightnet_errors(shape, dv, generator, device, mode=mode, **options)
 
 
 @pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 64, 65, 150], ids=lambda n: f"L{n}")

@@ -122,6 +122,17 @@ def _row_base(b, i, h, X, Y, H, F):
 
 
 @triton.jit
+def _program(H, Y, DK, DV, W: tl.constexpr, CB: tl.constexpr, DB: tl.constexpr):
+    """A sweep program's batch and head, channel and value blocks, and its columns, channels and values with
+    their masks."""
+    bh, cb, db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    j = tl.arange(0, W)
+    c = cb * CB + tl.arange(0, CB)
+    d = db * DB + tl.arange(0, DB)
+    return tl.cast(bh // H, tl.int64), bh % H, cb, db, j, c, d, j < Y, c < DK, d < DV
+
+
+@triton.jit
 def _forward_sweep_kernel(Q, K, V, ANGLES, DY, OUT, OUT_ANGLES, M, Z,
                           sqb, sqx, sqy, sqh, skb, skx, sky, skh, svb, svx, svy, svh, sab, sax, say, sah,
                           sdb, sdx, sdy, sdh, B, X, Y, H, DK, DV, scale,
@@ -129,12 +140,7 @@ def _forward_sweep_kernel(Q, K, V, ANGLES, DY, OUT, OUT_ANGLES, M, Z,
                           GRAD: tl.constexpr):
     """Rows in order. GRAD False: y (one part per channel block) and, from the first value block, m and z.
     GRAD True: dq and the query's part of d_angles (one part per value block), from dy."""
-    bh, cb, db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = tl.cast(bh // H, tl.int64), bh % H
-    j = tl.arange(0, W)
-    c = cb * CB + tl.arange(0, CB)
-    d = db * DB + tl.arange(0, DB)
-    jm, cm, dm = j < Y, c < DK, d < DV
+    b, h, cb, db, j, c, d, jm, cm, dm = _program(H, Y, DK, DV, W, CB, DB)
     left = (j > 0) & (j - 1 < Y)  # column j - 1 exists
     mc = tl.full([CB, W], NEG, tl.float32)  # column maxima
     ml = tl.full([CB, W], NEG, tl.float32)  # the column maxima one column to the left
@@ -193,12 +199,7 @@ def _reverse_sweep_kernel(Q, K, V, ANGLES, DY, M, Z, DQ, OUT, OUT_ANGLES,
                           KEYS: tl.constexpr):
     """Rows from the last, sums over p >= s. KEYS False: dv (one part per channel block). KEYS True: dk and the
     key's part of d_angles (one part per value block)."""
-    bh, cb, db = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    b, h = tl.cast(bh // H, tl.int64), bh % H
-    j = tl.arange(0, W)
-    c = cb * CB + tl.arange(0, CB)
-    d = db * DB + tl.arange(0, DB)
-    jm, cm, dm = j < Y, c < DK, d < DV
+    b, h, cb, db, j, c, d, jm, cm, dm = _program(H, Y, DK, DV, W, CB, DB)
     right = (j + 1) < Y
     m_below = tl.full([CB, W], BIG, tl.float32)  # m of the row below: e^{m - BIG} = 0 carries nothing at the start
     b_cos = tl.zeros([CB, DB, W], tl.float32)  # column sums over the rows r >= i, in the frame of m[i, j]

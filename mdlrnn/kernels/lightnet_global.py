@@ -21,16 +21,10 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet.tiles import rotated, unrotated
-from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, on_device, run
+from .lightnet import _block, _rows, _strides
 
 BN = 64  # positions per program
-
-
-@triton.jit
-def _block(X, base, rows, n, cols, ncols, row_stride):
-    """X[base + rows * row_stride + cols] (a block of positions x features) as float32, zero outside."""
-    ptr = X + base + tl.cast(rows, tl.int64)[:, None] * row_stride + cols[None, :]
-    return tl.load(ptr, mask=(rows < n)[:, None] & (cols < ncols)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -43,11 +37,11 @@ def _summary_kernel(K, V, ANGLES, M, Z, KV, skb, skn, skh, svb, svn, svh, sab, s
     b, h = tl.cast(bh // H, tl.int64), bh % H
     rows = nb * BN + tl.arange(0, BN)
     c, d = tl.arange(0, BK), tl.arange(0, BV)
-    k = _block(K, b * skb + h * skh, rows, N, c, DK, skn)
+    k = _rows(K, b * skb + h * skh, rows, rows < N, c, DK, skn)
     k = tl.where((rows < N)[:, None], k, float("-inf"))  # a block always holds a position: m stays finite
     m = tl.max(k, 0)
     w = tl.exp(k - m[None, :])
-    v = _block(V, b * svb + h * svh, rows, N, d, DV, svn)
+    v = _rows(V, b * svb + h * svh, rows, rows < N, d, DV, svn)
     part = tl.cast(bh, tl.int64) * NB + nb
     tl.store(M + part * DK + c, m, mask=c < DK)
     tl.store(Z + part * DK + c, tl.sum(w, 0), mask=c < DK)
@@ -55,7 +49,7 @@ def _summary_kernel(K, V, ANGLES, M, Z, KV, skb, skn, skh, svb, svn, svh, sab, s
     state = KV + part * rows_out * DV + c[:, None] * DV + d[None, :]
     keep = (c < DK)[:, None] & (d < DV)[None, :]
     if HAS_ANGLES:
-        angle = _block(ANGLES, b * sab + h * sah, rows, N, c, DK, san)
+        angle = _rows(ANGLES, b * sab + h * sah, rows, rows < N, c, DK, san)
         cos_part = tl.dot(tl.trans(w * tl.cos(angle)), v, input_precision=PRECISION)
         sin_part = tl.dot(tl.trans(w * tl.sin(angle)), v, input_precision=PRECISION)
         tl.store(state, cos_part, mask=keep)
@@ -74,12 +68,12 @@ def _output_kernel(Q, ANGLES, Z, KV, Y, sqb, sqn, sqh, sab, san, sah, syb, syn, 
     rows = nb * BN + tl.arange(0, BN)
     c, d = tl.arange(0, BK), tl.arange(0, BV)
     z = tl.load(Z + tl.cast(bh, tl.int64) * DK + c, mask=c < DK, other=1.0)
-    u = scale * _block(Q, b * sqb + h * sqh, rows, N, c, DK, sqn) / z[None, :]
+    u = scale * _rows(Q, b * sqb + h * sqh, rows, rows < N, c, DK, sqn) / z[None, :]
     rows_out = (2 if HAS_ANGLES else 1) * DK
     state = KV + tl.cast(bh, tl.int64) * rows_out * DV + c[:, None] * DV + d[None, :]
     keep = (c < DK)[:, None] & (d < DV)[None, :]
     if HAS_ANGLES:
-        angle = _block(ANGLES, b * sab + h * sah, rows, N, c, DK, san)
+        angle = _rows(ANGLES, b * sab + h * sah, rows, rows < N, c, DK, san)
         y = tl.dot(u * tl.cos(angle), tl.load(state, mask=keep, other=0.0), input_precision=PRECISION)
         y += tl.dot(u * tl.sin(angle), tl.load(state + DK * DV, mask=keep, other=0.0), input_precision=PRECISION)
     else:
@@ -88,12 +82,8 @@ def _output_kernel(Q, ANGLES, Z, KV, Y, sqb, sqn, sqh, sab, san, sah, syb, syn, 
     tl.store(ptr, y, mask=(rows < N)[:, None] & (d < DV)[None, :])
 
 
-def _width(n: int) -> int:
-    return max(next_power_of_2(n), 16)  # tensor-core products take at least 16
-
-
-def _strides(x: Optional[torch.Tensor]) -> tuple[int, int, int]:
-    return (0, 0, 0) if x is None else (x.stride(0), x.stride(1), x.stride(2))
+def _strides_or_none(x: Optional[torch.Tensor]) -> tuple[int, int, int]:
+    return (0, 0, 0) if x is None else _strides(x)
 
 
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional[torch.Tensor], scale: float,
@@ -107,17 +97,17 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional
     m_part, z_part = (empty(batch * heads, blocks, dk, device=v.device) for _ in range(2))
     kv_part = empty(batch * heads, blocks, rows, dv, device=v.device)
     y = empty(batch, length, heads, dv, device=v.device, dtype=v.dtype)
-    widths = dict(BN=BN, BK=_width(dk), BV=_width(dv), HAS_ANGLES=angles is not None, PRECISION=precision)
+    widths = dict(BN=BN, BK=_block(dk), BV=_block(dv), HAS_ANGLES=angles is not None, PRECISION=precision)
     with on_device(v.device):
         _summary_kernel[(batch * heads, blocks)](
-            k, v, angles, m_part, z_part, kv_part, *_strides(k), *_strides(v), *_strides(angles), length, heads,
-            dk, dv, blocks, **widths, num_warps=4)
+            k, v, angles, m_part, z_part, kv_part, *_strides(k), *_strides(v), *_strides_or_none(angles), length,
+            heads, dk, dv, blocks, **widths, num_warps=4)
         m = m_part.amax(1)
         frame = torch.exp(m_part - m[:, None])  # (B H, blocks, Dk): each <= 1
         z = (frame * z_part).sum(1)
         kv = (frame.repeat(1, 1, rows // dk)[..., None] * kv_part).sum(1)
         _output_kernel[(blocks, batch * heads)](
-            q, angles, z, kv, y, *_strides(q), *_strides(angles), *_strides(y), length, heads, dk, dv, scale,
+            q, angles, z, kv, y, *_strides(q), *_strides_or_none(angles), *_strides(y), length, heads, dk, dv, scale,
             **widths, num_warps=4)
     return y, m, z, kv
 
