@@ -1,10 +1,14 @@
 r"""LightNet's box mode on 2D grids as one custom op pair, mdlrnn::lightnet_box and its backward.
 
-The op runs the tiled products of mdlrnn.ops.lightnet.tiles (batched matrix products, their backward written
-out) wherever one reference per key channel is exact, and otherwise the Triton kernels here: a sweep down the
-rows with the columns side by side.
+Wherever one reference per key channel is exact (mdlrnn.ops.lightnet.tiles.tiles_fit), the op is box attention
+with the normaliser and rotation of mdlrnn.ops.lightnet.tiles around it, on the Triton kernels of
+mdlrnn.kernels.box_attention (forward one box attention, backward three); otherwise the Triton kernels here: a
+sweep down the rows with the columns side by side. Box attention's products are exact float32 for float32
+inputs and TF32 for half inputs (as in the causal kernels). Its forward saves the weights and their box sums
+in the op's m and z, so the backward recomputes nothing; eagerly the path is chosen once for forward and
+backward (tiles_fit synchronises with the GPU), under torch.compile by each half of the op alike.
 
-Per key channel c, y_p = scale sum_c q_p[c] N_p[c] / Z_p[c] with N_p = sum_{s<=p} e^{k_s} v_s and
+The sweeps. Per key channel c, y_p = scale sum_c q_p[c] N_p[c] / Z_p[c] with N_p = sum_{s<=p} e^{k_s} v_s and
 Z_p = sum_{s<=p} e^{k_s} over the box s <= p on both axes. Each program owns one (batch, head), a block of
 channels and a block of values, and walks the rows i in order with a whole row of columns j in registers:
 
@@ -34,14 +38,16 @@ wrapper adds up.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..ops.lightnet.tiles import lightnet_box_tiles, lightnet_box_tiles_backward, tiles_fit
-from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
+from ..ops.lightnet.tiles import box_terms, lightnet_box_tiles_backward, rotated, tiles_fit
+from . import cdiv, empty, first_order_only, next_power_of_2, on_device, run
+from .box_attention import box_attention_triton
 
 STATE = 4096  # floats of row state a program holds (channels x values x columns, x2 with angles)
 WARPS = 8
@@ -283,14 +289,19 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y (B, X, Y, H, Dv) in v's dtype; m and z (B, X, Y, H, Dk) float32 for the backward.
 
-    q, k, v (B, X, Y, H, D): one dtype, unit last stride; angles None or float32 with unit last stride. The
-    sweep runs down X with Y across the program."""
+    q, k, v (B, X, Y, H, D): one dtype, unit last stride; angles None or float32 with unit last stride."""
+    return _forward_on(q, k, v, angles, scale, tiles_fit(k))
+
+
+def _forward_on(q, k, v, angles, scale: float, tiled: bool):
+    """Box attention where `tiled` (m, z: the weights e^{k - k_0} and their box sums), else the sweeps down X
+    with Y across the program (m, z: the box maxima and the sums in their frame)."""
+    if tiled:
+        weights, z, q_prime = box_terms(q, k, scale)
+        y = _attention(q.dtype)(rotated(q_prime, angles), rotated(weights, angles), v)
+        return y.to(v.dtype), weights, z
     batch, x, y, heads, dk = q.shape
     dv = v.shape[-1]
-    if tiles_fit(k):
-        dtype = torch.float32
-        y = lightnet_box_tiles(q.to(dtype), k.to(dtype), v.to(dtype), scale, angles).to(v.dtype).contiguous()
-        return y, *(q.new_zeros(q.shape, dtype=dtype) for _ in range(2))  # m, z: kept by the sweeps only
     sizes = (batch, x, y, heads, dk, dv)
     cb, _ = _blocks(next_power_of_2(y), dk, dv, angles is not None, "c")
     out = _parts(cdiv(dk, cb), sizes, dv, v.device, v.dtype)
@@ -313,8 +324,15 @@ def _(q, k, v, angles, scale):
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional[torch.Tensor], m: torch.Tensor,
               z: torch.Tensor, dy: torch.Tensor, scale: float) -> list[torch.Tensor]:
     """[dq, dk, dv, d_angles]: dq, dk, dv in v's dtype, d_angles float32 (empty without angles)."""
-    if tiles_fit(k):
-        return _tiles_backward(q, k, v, angles, dy, scale)
+    return _backward_on(q, k, v, angles, m, z, dy, scale, tiles_fit(k))
+
+
+def _backward_on(q, k, v, angles, m, z, dy, scale: float, tiled: bool) -> list[torch.Tensor]:
+    if tiled:
+        dq, dk, dv, d_angles = lightnet_box_tiles_backward(q, m, z, v, angles, dy, scale,
+                                                           attention=_attention(q.dtype))
+        d_angles = v.new_empty(0, dtype=torch.float32) if d_angles is None else d_angles.contiguous()
+        return [x.to(v.dtype) for x in (dq, dk, dv)] + [d_angles]
     batch, x, y, heads, dk = q.shape
     dv = v.shape[-1]
     sizes = (batch, x, y, heads, dk, dv)
@@ -340,10 +358,9 @@ def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optiona
     return [dq.to(v.dtype), _parts_summed(dk_out, v.dtype), _parts_summed(d_v, v.dtype), d_angles]
 
 
-def _tiles_backward(q, k, v, angles, dy, scale: float) -> list[torch.Tensor]:
-    dq, dk, dv, d_angles = lightnet_box_tiles_backward(*(x.float() for x in (q, k, v)), angles, dy.float(), scale)
-    d_angles = v.new_empty(0, dtype=torch.float32) if d_angles is None else d_angles.contiguous()
-    return [x.to(v.dtype).contiguous() for x in (dq, dk, dv)] + [d_angles]
+def _attention(dtype: torch.dtype):
+    """Box attention on the Triton kernels: exact float32 products for float32 inputs, TF32 for half inputs."""
+    return functools.partial(box_attention_triton, precision="ieee" if dtype == torch.float32 else "tf32")
 
 
 lightnet_box_backward = torch.library.custom_op("mdlrnn::lightnet_box_backward", _backward, mutates_args=())
@@ -375,24 +392,27 @@ lightnet_box.register_autograd(lambda ctx, dy, *_: _gradients(ctx, dy, lightnet_
 
 
 class LightNetBox(torch.autograd.Function):
-    """mdlrnn::lightnet_box for eager calls (kernels.run): the same forward, context and backward."""
+    """mdlrnn::lightnet_box for eager calls (kernels.run): the same forward, context and backward, with the path
+    chosen once for both (tiles_fit synchronises with the GPU)."""
 
-    forward = eager_forward(_forward, _setup_context)
+    @staticmethod
+    def forward(ctx, q, k, v, angles, scale):
+        tiled = tiles_fit(k)
+        output = _forward_on(q, k, v, angles, scale, tiled)
+        _setup_context(ctx, (q, k, v, angles, scale), output)
+        ctx.tiled = tiled
+        return output
 
     @staticmethod
     def backward(ctx, dy, *_):
         first_order_only("lightnet_scan")
-        return _gradients(ctx, dy, _backward)
+        return _gradients(ctx, dy, functools.partial(_backward_on, tiled=ctx.tiled))
 
 
 def lightnet_box_triton(q, k, v, scale: float, angles=None):
-    """LightNet's box mode on (B, X, Y, H, D) inputs of one dtype: y in it. Eagerly, the tiled products under
-    autograd (which keeps their states for the backward) where they are exact, else the op; under torch.compile
-    the op, which chooses between the two itself. The sweeps run along the longer axis with the shorter one
-    across each program (the box is the same either way round): a transposed view, no copy."""
-    if not torch.compiler.is_compiling() and tiles_fit(k):
-        angles = None if angles is None else angles.float()
-        return lightnet_box_tiles(q.float(), k.float(), v.float(), scale, angles).to(v.dtype)
+    """LightNet's box mode on (B, X, Y, H, D) inputs of one dtype: y in it. The op chooses between box attention
+    and the sweeps itself. The sweeps run along the longer axis with the shorter one across each program (the
+    box is the same either way round): a transposed view, no copy."""
     swap = q.shape[2] > q.shape[1]
     turn = (lambda x: x.transpose(1, 2)) if swap else (lambda x: x)
     q, k, v = (turn(x if x.stride(-1) == 1 else x.contiguous()) for x in (q, k, v))

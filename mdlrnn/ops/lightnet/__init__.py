@@ -32,9 +32,11 @@ def lightnet_scan(q, k, v, *, mode, scale=None, angles=None, backend="auto"):
         y_p = \text{scale} \sum_c q_p[c] \sum_{s \in R(p)} \operatorname{softmax}_{s \in R(p)}(k_s[c])
               \cos(\theta_p[c] - \theta_s[c])\, v_s
 
-    The torch path runs causal and box modes on the grid scan; the kernels run causal mode as linear attention
-    with decays from running maxima (mdlrnn.kernels.lightnet) and 2D box mode as a sweep down the rows with a
-    row of states per program (mdlrnn.kernels.lightnet_box). Large logits are handled with running maxima.
+    The torch path runs causal mode on the grid scan and 2D box mode as tiled linear attention (grid scan where
+    logits spread too far for it); the kernels run causal mode as linear attention with decays from running
+    maxima (mdlrnn.kernels.lightnet) and 2D box mode as box attention in Triton (mdlrnn.kernels.box_attention),
+    or as a sweep down the rows with running maxima where logits spread too far (mdlrnn.kernels.lightnet_box).
+    Large logits are handled with running maxima.
     Returns y: (B, *S, H, Dv) in the dtype of v.
     """
     op = "lightnet_scan"
@@ -74,7 +76,7 @@ def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int
     from ... import kernels
     from ...kernels.lightnet import MAX_DK, MAX_DV
 
-    if mode == "global" and backend == "auto":  # a fused reduction, not yet timed on a GPU against the torch path
+    if mode == "global" and backend == "auto":  # the fused reduction: no faster than torch's matmuls (RESULTS.md)
         return False
     fits = values <= MAX_DV and (_causal_fits(mode, q, channels) or (
         (mode == "global" or (mode == "box" and q.dim() == 5)) and q.shape[-1] <= MAX_DK))

@@ -60,8 +60,12 @@ def _exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.zeros_like(x.narrow(dim, 0, 1)), before], dim)
 
 
-def box_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """sum_{s<=p} (query_p . keys_s) values_s for (B, X, Y, H, C) queries and keys and (B, X, Y, H, F) values."""
+def box_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, flip: bool = False
+                  ) -> torch.Tensor:
+    """sum_{s<=p} (query_p . keys_s) values_s for (B, X, Y, H, C) queries and keys and (B, X, Y, H, F) values;
+    with flip, the sum over s >= p (the grid read from its far corner)."""
+    if flip:
+        return _flipped(box_attention(_flipped(query), _flipped(keys), _flipped(values)))
     batch, x, y, heads, _ = query.shape
     (strips, strip), (tiles, tile) = _split(x, STRIP), _split(y, TILE)
     qt, kt, vt = (_tiled(t, strips, strip, tiles, tile) for t in (query, keys, values))  # (B, H, S, strip, NJ, tile, C)
@@ -113,11 +117,12 @@ class _Normalized(torch.autograd.Function):
         return ctx.scale * d_q_prime / z, -(d_q_prime * q_prime) / z, None
 
 
-def lightnet_box_tiles(q, k, v, scale: float, angles=None) -> torch.Tensor:
-    """y (B, X, Y, H, Dv) for (B, X, Y, H, D) inputs (one float dtype); differentiable. Assumes tiles_fit(k)."""
+def lightnet_box_tiles(q, k, v, scale: float, angles=None, attention=box_attention) -> torch.Tensor:
+    """y (B, X, Y, H, Dv) for (B, X, Y, H, D) inputs (one float dtype); differentiable through the default
+    `attention` (box_attention; the Triton one is not). Assumes tiles_fit(k)."""
     weights = _weights(k)
     query = _Normalized.apply(q, weights.cumsum(1).cumsum(2), scale)
-    return box_attention(rotated(query, angles), rotated(weights, angles), v)
+    return attention(rotated(query, angles), rotated(weights, angles), v)
 
 
 def _flipped(x: torch.Tensor) -> torch.Tensor:
@@ -134,21 +139,28 @@ def unrotated(grad: torch.Tensor, x: torch.Tensor, angles):
     return grad_cos * cos + grad_sin * sin, x * (grad_sin * cos - grad_cos * sin)
 
 
-def lightnet_box_tiles_backward(q, k, v, angles, dy, scale: float):
-    """dq, dk, dv and d_angles (None without angles) of lightnet_box_tiles, in float32, written out: the
-    gradients of box attention are box attentions again, two of them over the reversed box (a flipped grid):
+def box_terms(q: torch.Tensor, k: torch.Tensor, scale: float):
+    """The weights e^{k - k_0}, their box sums Z and q' = scale q / Z, in float32, of lightnet_box_tiles
+    (no autograd: for a backward written out, lightnet_box_tiles_backward)."""
+    weights = _weights(k.float())
+    z = weights.cumsum(1).cumsum(2)
+    return weights, z, q / z * scale
+
+
+def lightnet_box_tiles_backward(q, weights, z, v, angles, dy, scale: float, attention=box_attention):
+    """dq, dk, dv and d_angles (None without angles) of lightnet_box_tiles, in float32, written out from q and
+    the weights and Z of box_terms: the gradients of box attention are box attentions again, two of them over
+    the reversed box (a flipped grid):
 
         d query_p = sum_{s<=p} (dy_p . v_s) keys_s,   d keys_s = sum_{p>=s} (v_s . dy_p) query_p,
         dv_s = sum_{p>=s} (keys_s . query_p) dy_p,
 
-    then through q' = scale q / Z, Z the box sums of the weights e^{k - M}, and the rotation."""
-    weights = _weights(k)
-    z = weights.cumsum(1).cumsum(2)
-    q_prime = scale * q / z
+    then through q' = scale q / Z, Z the box sums of the weights e^{k - k_0}, and the rotation."""
+    q_prime = q / z * scale
     query, keys = rotated(q_prime, angles), rotated(weights, angles)
-    d_query = box_attention(dy, v, keys)
-    d_keys = _flipped(box_attention(_flipped(v), _flipped(dy), _flipped(query)))
-    dv = _flipped(box_attention(_flipped(keys), _flipped(query), _flipped(dy)))
+    d_query = attention(dy, v, keys)
+    d_keys = attention(v, dy, query, flip=True)
+    dv = attention(keys, query, dy, flip=True)
     d_q_prime, d_angles = unrotated(d_query, q_prime, angles)
     d_weights, d_angles_keys = unrotated(d_keys, weights, angles)
     d_z = -d_q_prime * q_prime / z
