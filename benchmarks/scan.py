@@ -3,7 +3,8 @@
 For grids 14x14 (B=64) to 128x128 (B=2), H=3, D=64, bf16 inputs: forward and forward+backward time and
 peak memory of grid_scan's and lightnet_scan's (causal, box, global) backends, and, in the same process, SDPA on
 the same token count, each op against its attention (f+b / attn): grid_scan and LightNet's box and global modes
-against SDPA, LightNet's causal mode against causal SDPA. `--dims 1` times 1D grids of the same token counts (196 to 16384),
+against SDPA, LightNet's causal mode against causal SDPA. "lightnet box sweeps" is box mode with logits spread
+by up to 100, where the kernels take the row sweeps. `--dims 1` times 1D grids of the same token counts (196 to 16384),
 where everything is causal.
 Prints a table and writes JSON.
 
@@ -104,7 +105,7 @@ def main():
     parser.add_argument("--dims", default="2", help="comma-separated grid dimensionalities (1 and/or 2)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scan.json")
     parser.add_argument("--host", action="store_true", help="only the host time per step at a tiny input")
-    parser.add_argument("--ops", default="grid_scan,lightnet causal,lightnet box,lightnet global",
+    parser.add_argument("--ops", default="grid_scan,lightnet causal,lightnet box,lightnet box sweeps,lightnet global",
                         help="comma-separated ops to time")
     args = parser.parse_args()
     if args.host:
@@ -118,12 +119,12 @@ def main():
     device, dtype, heads, dim = torch.device("cuda"), torch.bfloat16, 3, 64
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, H={heads}, D={dim}")
-    print(f"{'op':<24}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / attn':>12}")
+    print(f"{'op':<28}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / attn':>12}")
     cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
     for sizes, batch in cases:
         lead, n = (batch, *sizes, heads), len(sizes)
         make = lambda *shape, scale=1.0: (scale * torch.rand(*lead, *shape, device=device)).to(dtype).requires_grad_()
-        q, k, v = make(dim), make(dim), make(dim)
+        q, k, v, wide = make(dim), make(dim), make(dim), make(dim, scale=100.0)
         gates = dict(source=make(n), transition=make(n, n, scale=1 / n), mark=make(n), direct=make())
         tokens = math.prod(sizes)
         sq, sk, sv = (torch.randn(batch, heads, tokens, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -143,6 +144,9 @@ def main():
             if n > 1:  # box mode on a 1D grid is causal mode
                 runs[f"lightnet box[{backend}]"] = (
                     lambda b=backend: lightnet_scan(q, k, v, mode="box", backend=b), [q, k, v], "sdpa")
+                # logits spread by up to 100, past box attention's 60: the op takes the row sweeps
+                runs[f"lightnet box sweeps[{backend}]"] = (
+                    lambda b=backend: lightnet_scan(q, wide, v, mode="box", backend=b), [q, wide, v], "sdpa")
         ops = args.ops.split(",")
         runs = {name: run for name, run in runs.items() if name.startswith("sdpa") or name.split("[")[0] in ops}
         results = {}
@@ -155,7 +159,7 @@ def main():
         for name, r in results.items():
             baseline = runs[name][2] or name
             ratio = r["forward_backward_ms"] / results[baseline]["forward_backward_ms"]
-            print(f"{name:<24}{'x'.join(map(str, sizes)):>10}{batch:>4}{r['forward_ms']:10.2f}{r['forward_backward_ms']:10.2f}"
+            print(f"{name:<28}{'x'.join(map(str, sizes)):>10}{batch:>4}{r['forward_ms']:10.2f}{r['forward_backward_ms']:10.2f}"
                   f"{r['peak_mib']:10.0f}{ratio:11.1f}x")
             rows.append(dict(op=name, sizes=sizes, batch=batch, **r, baseline=baseline, forward_backward_vs_baseline=ratio))
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
