@@ -70,3 +70,27 @@ def test_strided_and_half_inputs(generator, device, monkeypatch):
 def test_empty_grid(device):
     query = torch.zeros(2, 0, 5, 1, 4, device=device)
     assert box_attention_triton(query, query, torch.zeros(2, 0, 5, 1, 3, device=device)).shape == (2, 0, 5, 1, 3)
+
+
+def test_float64_default_dtype(generator, device, monkeypatch):
+    """The state buffers are float32 whatever torch's default dtype (float64 here made them float64 once)."""
+    monkeypatch.setattr(tiles, "STRIP", 4)
+    monkeypatch.setattr(tiles, "TILE", 3)
+    inputs = _inputs((1, 9, 8, 2, 4), 3, generator)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert _error(inputs, device, False) < 1e-5
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_errors(device):
+    query = torch.zeros(1, 3, 3, 1, 4, device=device)
+    with pytest.raises(ValueError, match="one shape"):
+        box_attention_triton(query, torch.zeros(1, 3, 3, 1, 5, device=device), query)
+    with pytest.raises(ValueError, match="one shape"):
+        box_attention_triton(query, query, torch.zeros(1, 3, 2, 1, 4, device=device))
+    wide = torch.zeros(1, 3, 3, 1, 257, device=device)
+    with pytest.raises(ValueError, match="at most 256 channels"):
+        box_attention_triton(wide, wide, query)

@@ -92,8 +92,12 @@ def test_heads_of_128_channels(path, generator, device):
 
 
 @pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
-def test_custom_op_registration(rotary, path, generator, device):
-    randn = lambda *s: torch.randn(*s, generator=generator).to(device)
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_custom_op_registration(rotary, transposed, path, generator, device):
+    """Every opcheck check, on contiguous inputs and on the transposed views lightnet_box_triton passes for grids
+    wider than tall (the saved weights must be contiguous like the fake's)."""
+    turn = (lambda x: x.transpose(1, 2)) if transposed else (lambda x: x)
+    randn = lambda *s: turn(torch.randn(*s, generator=generator).to(device))
     angles = randn(1, 4, 3, 2, 4) if rotary else None
     args = (*(randn(1, 4, 3, 2, 4).requires_grad_() for _ in range(2)), randn(1, 4, 3, 2, 3).requires_grad_(), angles, 0.5)
     torch.library.opcheck(torch.ops.mdlrnn.lightnet_box, args)  # every check, AOT dispatch included

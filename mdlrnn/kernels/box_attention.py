@@ -11,14 +11,14 @@ inside it) is
 columns <= c (a walk along the strip), and per strip, row and tile, P[I, r, J] = the same over the tile's
 columns and the strip's rows <= r (a walk down the tile). `_output_kernel` has two kinds of program, each
 adding its part into a zeroed float32 output: one per row of a strip, walking its tiles with the running sum
-of P over the tiles before (the part left of the tile) and the tile's key rows up to it as tensor-core products
-with the columns masked; one per column, walking the strips with the running sum of G over the strips before
+of P over the tiles before (the part left of the tile) and the tile's key rows up to it as matrix products
+with the columns masked (tensor cores at TF32, float32 FMA at "ieee"); one per column, walking the strips with the running sum of G over the strips before
 (the part above). Each output element receives at most two atomic additions, to zero, so the sum does not
 depend on their order. No program walks more than one axis, and no state is stored twice.
 
 `flip=True` reads and writes the grid from its far corner (the box s >= p): what the backward needs, with no
 flipped copies. Work and memory are linear in the positions: two float32 states of channels x values per 16
-positions.
+positions (C F / 2 bytes a position: at C = F = 64 about 2 KB, five times bf16 q, k and v).
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ import triton.language as tl
 from ..ops.lightnet import tiles as tiling
 from . import cdiv, next_power_of_2, on_device
 
-SIDE = 16  # the rows of a strip and the columns of a tile a program holds (STRIP, TILE <= 16), padded
 WARPS = 4
+MAX_CHANNELS = 256  # the output kernel holds a program's queries and states over all channels (shared memory)
 
 
 @triton.jit
@@ -74,7 +74,7 @@ def _states_kernel(K, V, G, P, skb, skx, sky, skh, svb, svx, svy, svh, X, Y, H, 
         rest = pid // (c_blocks * f_blocks)
         strip = rest % (STRIPS - 1)
         bh = rest // (STRIPS - 1)
-        b, h = tl.cast(bh // H, tl.int64), bh % H
+        b, h = tl.cast(bh // H, tl.int64), tl.cast(bh % H, tl.int64)
         rows = strip * STRIP + side
         valid = (side < STRIP) & (rows < X)
         for col in range(0, Y):
@@ -82,7 +82,7 @@ def _states_kernel(K, V, G, P, skb, skx, sky, skh, svb, svx, svy, svh, X, Y, H, 
             k = _positions(K, _offsets(b, h, rows, cols, X, Y, skb, skx, sky, skh, FLIP), valid, c, C)
             v = _positions(V, _offsets(b, h, rows, cols, X, Y, svb, svx, svy, svh, FLIP), valid, f, F)
             acc += tl.dot(tl.trans(k), v, input_precision=PRECISION)
-            ptr, keep = _state(G, (tl.cast(bh, tl.int64) * STRIPS + strip) * Y + col, c, f, C, F)
+            ptr, keep = _state(G, (tl.cast(bh, tl.int64) * (STRIPS - 1) + strip) * Y + col, c, f, C, F)
             tl.store(ptr, acc, mask=keep)
     else:
         rest = (pid - COLUMN_PROGRAMS) // (c_blocks * f_blocks)
@@ -90,7 +90,7 @@ def _states_kernel(K, V, G, P, skb, skx, sky, skh, svb, svx, svy, svh, X, Y, H, 
         rest = rest // (TILES - 1)
         strip = rest % STRIPS
         bh = rest // STRIPS
-        b, h = tl.cast(bh // H, tl.int64), bh % H
+        b, h = tl.cast(bh // H, tl.int64), tl.cast(bh % H, tl.int64)
         cols = tile * TILE + side
         for r in range(0, STRIP):
             rows = tl.zeros((16,), dtype=tl.int32) + strip * STRIP + r
@@ -98,7 +98,8 @@ def _states_kernel(K, V, G, P, skb, skx, sky, skh, svb, svx, svy, svh, X, Y, H, 
             k = _positions(K, _offsets(b, h, rows, cols, X, Y, skb, skx, sky, skh, FLIP), valid, c, C)
             v = _positions(V, _offsets(b, h, rows, cols, X, Y, svb, svx, svy, svh, FLIP), valid, f, F)
             acc += tl.dot(tl.trans(k), v, input_precision=PRECISION)
-            ptr, keep = _state(P, ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * TILES + tile, c, f, C, F)
+            slot = ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * (TILES - 1) + tile
+            ptr, keep = _state(P, slot, c, f, C, F)
             tl.store(ptr, acc, mask=keep)
 
 
@@ -107,8 +108,9 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
                    sob, sox, soy, soh, X, Y, H, C, F, STRIPS, STRIP, TILES, TILE, ROW_PROGRAMS,
                    CP: tl.constexpr, FB: tl.constexpr, FLIP: tl.constexpr, PRECISION: tl.constexpr):
     """Programs [0, ROW_PROGRAMS): row r of strip I walks its tiles J: their key rows up to r (four at a time),
-    masked to columns <= each query's, and the running sum of P[bh, I, r, J'] over J' < J. The others: column c walks the strips
-    I > 0: the running sum of G[bh, I', c] over I' < I. Each adds its part to OUT (float32, zero before).
+    masked to columns <= each query's, and the running sum of P[bh, I, r, J'] over J' < J. The others: column
+    c walks the strips I > 0: the running sum of G[bh, I', c] over I' < I. Each adds its part to OUT (float32,
+    zero before).
     The products with the running state are exact float32 at any PRECISION: small (16 positions), and a TF32
     product with a loop-carried operand fails to compile in Triton 3.6 (its prefetch pass)."""
     pid = tl.program_id(0)
@@ -123,13 +125,13 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
         rest = rest // STRIP
         strip = rest % STRIPS
         bh = rest // STRIPS
-        b, h = tl.cast(bh // H, tl.int64), bh % H
+        b, h = tl.cast(bh // H, tl.int64), tl.cast(bh % H, tl.int64)
         row = strip * STRIP + r
         rows = tl.zeros((16,), dtype=tl.int32) + row
         key_side = tl.arange(0, 64) % 16  # key rows four at a time: 64 keys
         key_four = tl.arange(0, 64) // 16
         earlier = key_side[None, :] <= side[:, None]  # key column <= query column
-        slots = ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * TILES
+        slots = ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * (TILES - 1)
         for tile in range(0, TILES):
             cols = tile * TILE + side
             valid = (side < TILE) & (cols < Y) & (row < X)
@@ -152,10 +154,10 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
         rest = (pid - ROW_PROGRAMS) // f_blocks
         col = rest % Y
         bh = rest // Y
-        b, h = tl.cast(bh // H, tl.int64), bh % H
+        b, h = tl.cast(bh // H, tl.int64), tl.cast(bh % H, tl.int64)
         cols = tl.zeros((16,), dtype=tl.int32) + col
         for strip in range(1, STRIPS):
-            ptr, keep = _state(G, (tl.cast(bh, tl.int64) * STRIPS + strip - 1) * Y + col, c, f, C, F)
+            ptr, keep = _state(G, (tl.cast(bh, tl.int64) * (STRIPS - 1) + strip - 1) * Y + col, c, f, C, F)
             state += tl.load(ptr, mask=keep, other=0.0)
             rows = strip * STRIP + side
             valid = (side < STRIP) & (rows < X)
@@ -173,6 +175,11 @@ def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.
                          precision: str = "ieee") -> torch.Tensor:
     """sum_{s<=p} (query_p . keys_s) values_s (float32, contiguous) for (B, X, Y, H, C) queries and keys and
     (B, X, Y, H, F) values of any float dtype and strides; with flip, the sum over s >= p."""
+    if keys.shape != query.shape or values.shape[:-1] != query.shape[:-1] or query.dim() != 5:
+        raise ValueError(f"box_attention_triton: `query` and `keys` must have one shape (B, X, Y, H, C) and `values` "
+                         f"(B, X, Y, H, F); got {tuple(query.shape)}, {tuple(keys.shape)} and {tuple(values.shape)}")
+    if query.shape[-1] > MAX_CHANNELS:
+        raise ValueError(f"box_attention_triton: at most {MAX_CHANNELS} channels, got {query.shape[-1]}")
     query, keys, values = (_unit_last_stride(x) for x in (query, keys, values))
     batch, x, y, heads, channels = query.shape
     features = values.shape[-1]
@@ -181,12 +188,14 @@ def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.
     if out.numel() == 0 or channels == 0:
         return out
     (strips, strip), (tiles, tile) = tiling._split(x, tiling.STRIP), tiling._split(y, tiling.TILE)
-    assert strip <= SIDE and tile <= SIDE
+    assert strip <= 16 and tile <= 16  # the kernels hold 16 rows of a strip and 16 columns of a tile
     width = max(next_power_of_2(channels), 16)
     block_c, block_f = min(width, 32), min(max(next_power_of_2(features), 16), 32)
     state = channels * features
-    columns = torch.empty(batch * heads, strips, y, state, device=device) if strips > 1 else out
-    rows = torch.empty(batch * heads, strips, strip, tiles, state, device=device) if tiles > 1 else out
+    f32 = torch.float32
+    # no state for the last strip's columns or the last tile's rows: nothing comes after them
+    columns = torch.empty(batch * heads, strips - 1, y, state, device=device, dtype=f32) if strips > 1 else out
+    rows = torch.empty(batch * heads, strips, strip, tiles - 1, state, device=device, dtype=f32) if tiles > 1 else out
     blocks = cdiv(channels, block_c) * cdiv(features, block_f)
     column_programs = batch * heads * (strips - 1) * blocks
     row_programs = batch * heads * strips * (tiles - 1) * blocks

@@ -135,7 +135,7 @@ def _program(H, Y, DK, DV, W: tl.constexpr, CB: tl.constexpr, DB: tl.constexpr):
     j = tl.arange(0, W)
     c = cb * CB + tl.arange(0, CB)
     d = db * DB + tl.arange(0, DB)
-    return tl.cast(bh // H, tl.int64), bh % H, cb, db, j, c, d, j < Y, c < DK, d < DV
+    return tl.cast(bh // H, tl.int64), tl.cast(bh % H, tl.int64), cb, db, j, c, d, j < Y, c < DK, d < DV
 
 
 @triton.jit

@@ -117,12 +117,11 @@ class _Normalized(torch.autograd.Function):
         return ctx.scale * d_q_prime / z, -(d_q_prime * q_prime) / z, None
 
 
-def lightnet_box_tiles(q, k, v, scale: float, angles=None, attention=box_attention) -> torch.Tensor:
-    """y (B, X, Y, H, Dv) for (B, X, Y, H, D) inputs (one float dtype); differentiable through the default
-    `attention` (box_attention; the Triton one is not). Assumes tiles_fit(k)."""
+def lightnet_box_tiles(q, k, v, scale: float, angles=None) -> torch.Tensor:
+    """y (B, X, Y, H, Dv) for (B, X, Y, H, D) inputs (one float dtype); differentiable. Assumes tiles_fit(k)."""
     weights = _weights(k)
     query = _Normalized.apply(q, weights.cumsum(1).cumsum(2), scale)
-    return attention(rotated(query, angles), rotated(weights, angles), v)
+    return box_attention(rotated(query, angles), rotated(weights, angles), v)
 
 
 def _flipped(x: torch.Tensor) -> torch.Tensor:
@@ -140,9 +139,9 @@ def unrotated(grad: torch.Tensor, x: torch.Tensor, angles):
 
 
 def box_terms(q: torch.Tensor, k: torch.Tensor, scale: float):
-    """The weights e^{k - k_0}, their box sums Z and q' = scale q / Z, in float32, of lightnet_box_tiles
-    (no autograd: for a backward written out, lightnet_box_tiles_backward)."""
-    weights = _weights(k.float())
+    """The weights e^{k - k_0}, their box sums Z and q' = scale q / Z, in float32 and contiguous (whatever k's
+    strides), of lightnet_box_tiles (no autograd: for a backward written out, lightnet_box_tiles_backward)."""
+    weights = _weights(k.float()).contiguous()
     z = weights.cumsum(1).cumsum(2)
     return weights, z, q / z * scale
 
