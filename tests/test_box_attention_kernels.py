@@ -38,7 +38,7 @@ def _error(inputs, device, flip, **options):
     return relative_error(out, reference)
 
 
-@pytest.mark.parametrize("grid", [(7, 9), (18, 5), (1, 11), (11, 1), (17, 33), (2, 2)], ids=str)
+@pytest.mark.parametrize("grid", [(7, 9), (18, 5), (1, 11), (11, 1), (17, 20), (2, 2)], ids=str)
 @pytest.mark.parametrize("flip", [False, True], ids=["box", "reversed"])
 def test_matches_torch_tiles(grid, flip, edges, generator, device):
     inputs = _inputs((2, *grid, 2, 6), 5, generator)
