@@ -20,6 +20,7 @@ depend on their order. No program walks more than one axis, and no state is stor
 flipped copies. Work and memory are linear in the positions: two float32 states of channels x values per 16
 positions (C F / 2 bytes a position: at C = F = 64 about 2 KB, five times bf16 q, k and v).
 """
+
 from __future__ import annotations
 
 import torch
