@@ -60,6 +60,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
+    """x itself where its last axis is contiguous (the kernels read any other strides), else a contiguous copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
 
 
 @triton.jit
@@ -340,7 +340,7 @@ def grid_scan_triton(q, k, v, source, transition, mark, direct, scale: float, ch
     q, k, v keep their dtype (float32, float16 or bfloat16) and strides (a copy only where the last stride
     isn't 1); the gates go to float32 (B, L, H).
     """
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    q, k, v = (unit_last_stride(x) for x in (q, k, v))
     gates = [g.reshape(*g.shape[:3]).float().contiguous() for g in (source, transition, mark)]
     direct = None if direct is None else direct.float().contiguous()
     return run(grid_scan_1d, GridScan1D, q, k, v, *gates, direct, scale, chunk)[0]

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run
+from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
@@ -550,7 +550,7 @@ def _backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tens
     angles)."""
     batch, length, heads, dk = qp.shape
     dv = v.shape[-1]
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dy = unit_last_stride(dy)
     q_in, k_in, m_in = _rotate(qp, kp, m, angles)
     channels = q_in.shape[-1]
     grads = [empty(batch, length, heads, channels, device=v.device) for _ in range(2)]
@@ -611,10 +611,16 @@ class LightNetCausal(torch.autograd.Function):
         return _gradients(ctx, dy, _backward)
 
 
+def _flattened(q, k, v, angles):
+    """(B, *S, H, D) inputs as (B, N, H, D) in row-major order with unit last strides; angles float32, contiguous."""
+    batch, heads = q.shape[0], q.shape[-2]
+    flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
+    q, k, v = (unit_last_stride(flat(x)) for x in (q, k, v))
+    return q, k, v, None if angles is None else flat(angles).float().contiguous()
+
+
 def lightnet_causal_triton(q, k, v, scale: float, angles=None, *, precision: str = "ieee"):
     """LightNet's causal mode over the row-major flattening of (B, *S, H, D) inputs (one dtype): y in it."""
-    batch, heads, shape = q.shape[0], q.shape[-2], v.shape
-    flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (flat(q), flat(k), flat(v)))
-    angles = None if angles is None else flat(angles).float().contiguous()
+    shape = v.shape
+    q, k, v, angles = _flattened(q, k, v, angles)
     return run(lightnet_causal, LightNetCausal, q, k, v, angles, scale, CHUNK, precision)[0].reshape(shape)

@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet.tiles import box_terms, lightnet_box_tiles_backward, rotated, tiles_fit
-from . import cdiv, empty, first_order_only, next_power_of_2, on_device, run
+from . import cdiv, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
 from .box_attention import box_attention_triton
 
 STATE = 4096  # floats of row state a program holds (channels x values x columns, x2 with angles)
@@ -336,7 +336,7 @@ def _backward_on(q, k, v, angles, m, z, dy, scale: float, tiled: bool) -> list[t
     batch, x, y, heads, dk = q.shape
     dv = v.shape[-1]
     sizes = (batch, x, y, heads, dk, dv)
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dy = unit_last_stride(dy)
     width = next_power_of_2(y)
     (_, db), (cb, _) = _blocks(width, dk, dv, angles is not None, "d"), _blocks(width, dk, dv, angles is not None, "c")
     by_values, by_channels = cdiv(dv, db), cdiv(dk, cb)
@@ -415,6 +415,6 @@ def lightnet_box_triton(q, k, v, scale: float, angles=None):
     box is the same either way round): a transposed view, no copy."""
     swap = q.shape[2] > q.shape[1]
     turn = (lambda x: x.transpose(1, 2)) if swap else (lambda x: x)
-    q, k, v = (turn(x if x.stride(-1) == 1 else x.contiguous()) for x in (q, k, v))
+    q, k, v = (turn(unit_last_stride(x)) for x in (q, k, v))
     angles = None if angles is None else turn(angles.float().contiguous())
     return turn(run(lightnet_box, LightNetBox, q, k, v, angles, scale)[0])

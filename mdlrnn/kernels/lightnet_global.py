@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ..ops.lightnet.tiles import rotated, unrotated
 from . import cdiv, eager_forward, empty, first_order_only, on_device, run
-from .lightnet import _block, _rows, _strides
+from .lightnet import _block, _flattened, _rows, _strides
 
 BN = 64  # positions per program
 
@@ -191,8 +191,6 @@ class LightNetGlobal(torch.autograd.Function):
 
 def lightnet_global_triton(q, k, v, scale: float, angles=None, *, precision: str = "ieee"):
     """LightNet's global mode over (B, *S, H, D) inputs of one dtype: y in it."""
-    batch, heads, shape = q.shape[0], q.shape[-2], v.shape
-    flat = lambda x: x.reshape(batch, -1, heads, x.shape[-1])
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (flat(q), flat(k), flat(v)))
-    angles = None if angles is None else flat(angles).float().contiguous()
+    shape = v.shape
+    q, k, v, angles = _flattened(q, k, v, angles)
     return run(lightnet_global, LightNetGlobal, q, k, v, angles, scale, precision)[0].reshape(shape)
