@@ -12,9 +12,10 @@ columns <= c (a walk along the strip), and per strip, row and tile, P[I, r, J] =
 columns and the strip's rows <= r (a walk down the tile). `_output_kernel` has two kinds of program, each
 adding its part into a zeroed float32 output: one per row of a strip, walking its tiles with the running sum
 of P over the tiles before (the part left of the tile) and the tile's key rows up to it as matrix products
-with the columns masked (tensor cores at TF32, float32 FMA at "ieee"); one per column, walking the strips with the running sum of G over the strips before
-(the part above). Each output element receives at most two atomic additions, to zero, so the sum does not
-depend on their order. No program walks more than one axis, and no state is stored twice.
+with the columns masked (tensor cores at TF32, float32 FMA at "ieee"); one per column, walking the strips
+with the running sum of G over the strips before (the part above). Each output element receives at most two
+atomic additions, to zero, so the sum does not depend on their order. No program walks more than one axis,
+and no state is stored twice.
 
 `flip=True` reads and writes the grid from its far corner (the box s >= p): what the backward needs, with no
 flipped copies. Work and memory are linear in the positions: two float32 states of channels x values per 16
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet import tiles as tiling
-from . import cdiv, next_power_of_2, on_device
+from . import cdiv, next_power_of_2, on_device, unit_last_stride
 
 WARPS = 4
 MAX_CHANNELS = 256  # the output kernel holds a program's queries and states over all channels (shared memory)
@@ -54,6 +55,18 @@ def _positions(A, offsets, valid, channels, n):
 def _state(S, slot, c, f, C, F):
     """The C x F state in slot `slot` of a state buffer, the rows c and columns f of it."""
     return S + slot * C * F + c[:, None] * F + f[None, :], (c < C)[:, None] & (f < F)[None, :]
+
+
+@triton.jit
+def _column_slot(bh, strip, col, STRIPS, Y):
+    """G's slot for strip `strip` < STRIPS - 1 and column `col` of (batch, head) bh."""
+    return (tl.cast(bh, tl.int64) * (STRIPS - 1) + strip) * Y + col
+
+
+@triton.jit
+def _row_slot(bh, strip, r, tile, STRIPS, STRIP, TILES):
+    """P's slot for row r of strip `strip` and tile `tile` < TILES - 1 of (batch, head) bh."""
+    return ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * (TILES - 1) + tile
 
 
 @triton.jit
@@ -83,7 +96,7 @@ def _states_kernel(K, V, G, P, skb, skx, sky, skh, svb, svx, svy, svh, X, Y, H, 
             k = _positions(K, _offsets(b, h, rows, cols, X, Y, skb, skx, sky, skh, FLIP), valid, c, C)
             v = _positions(V, _offsets(b, h, rows, cols, X, Y, svb, svx, svy, svh, FLIP), valid, f, F)
             acc += tl.dot(tl.trans(k), v, input_precision=PRECISION)
-            ptr, keep = _state(G, (tl.cast(bh, tl.int64) * (STRIPS - 1) + strip) * Y + col, c, f, C, F)
+            ptr, keep = _state(G, _column_slot(bh, strip, col, STRIPS, Y), c, f, C, F)
             tl.store(ptr, acc, mask=keep)
     else:
         rest = (pid - COLUMN_PROGRAMS) // (c_blocks * f_blocks)
@@ -99,8 +112,7 @@ def _states_kernel(K, V, G, P, skb, skx, sky, skh, svb, svx, svy, svh, X, Y, H, 
             k = _positions(K, _offsets(b, h, rows, cols, X, Y, skb, skx, sky, skh, FLIP), valid, c, C)
             v = _positions(V, _offsets(b, h, rows, cols, X, Y, svb, svx, svy, svh, FLIP), valid, f, F)
             acc += tl.dot(tl.trans(k), v, input_precision=PRECISION)
-            slot = ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * (TILES - 1) + tile
-            ptr, keep = _state(P, slot, c, f, C, F)
+            ptr, keep = _state(P, _row_slot(bh, strip, r, tile, STRIPS, STRIP, TILES), c, f, C, F)
             tl.store(ptr, acc, mask=keep)
 
 
@@ -132,7 +144,6 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
         key_side = tl.arange(0, 64) % 16  # key rows four at a time: 64 keys
         key_four = tl.arange(0, 64) // 16
         earlier = key_side[None, :] <= side[:, None]  # key column <= query column
-        slots = ((tl.cast(bh, tl.int64) * STRIPS + strip) * STRIP + r) * (TILES - 1)
         for tile in range(0, TILES):
             cols = tile * TILE + side
             valid = (side < TILE) & (cols < Y) & (row < X)
@@ -149,7 +160,7 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
             out = OUT + _offsets(b, h, rows, cols, X, Y, sob, sox, soy, soh, FLIP)
             tl.atomic_add(out[:, None] + f[None, :], acc, mask=valid[:, None] & (f < F)[None, :], sem="relaxed")
             if tile < TILES - 1:
-                ptr, keep = _state(P, slots + tile, c, f, C, F)
+                ptr, keep = _state(P, _row_slot(bh, strip, r, tile, STRIPS, STRIP, TILES), c, f, C, F)
                 state += tl.load(ptr, mask=keep & (row < X), other=0.0)
     else:
         rest = (pid - ROW_PROGRAMS) // f_blocks
@@ -158,7 +169,7 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
         b, h = tl.cast(bh // H, tl.int64), tl.cast(bh % H, tl.int64)
         cols = tl.zeros((16,), dtype=tl.int32) + col
         for strip in range(1, STRIPS):
-            ptr, keep = _state(G, (tl.cast(bh, tl.int64) * (STRIPS - 1) + strip - 1) * Y + col, c, f, C, F)
+            ptr, keep = _state(G, _column_slot(bh, strip - 1, col, STRIPS, Y), c, f, C, F)
             state += tl.load(ptr, mask=keep, other=0.0)
             rows = strip * STRIP + side
             valid = (side < STRIP) & (rows < X)
@@ -166,10 +177,6 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
             out = OUT + _offsets(b, h, rows, cols, X, Y, sob, sox, soy, soh, FLIP)
             acc = tl.dot(q, state, input_precision="ieee")
             tl.atomic_add(out[:, None] + f[None, :], acc, mask=valid[:, None] & (f < F)[None, :], sem="relaxed")
-
-
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, flip: bool = False,
@@ -181,7 +188,7 @@ def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.
                          f"(B, X, Y, H, F); got {tuple(query.shape)}, {tuple(keys.shape)} and {tuple(values.shape)}")
     if query.shape[-1] > MAX_CHANNELS:
         raise ValueError(f"box_attention_triton: at most {MAX_CHANNELS} channels, got {query.shape[-1]}")
-    query, keys, values = (_unit_last_stride(x) for x in (query, keys, values))
+    query, keys, values = (unit_last_stride(x) for x in (query, keys, values))
     batch, x, y, heads, channels = query.shape
     features = values.shape[-1]
     device = values.device
@@ -190,29 +197,30 @@ def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.
         return out
     (strips, strip), (tiles, tile) = tiling._split(x, tiling.STRIP), tiling._split(y, tiling.TILE)
     assert strip <= 16 and tile <= 16  # the kernels hold 16 rows of a strip and 16 columns of a tile
-    width = max(next_power_of_2(channels), 16)
-    block_c, block_f = min(width, 32), min(max(next_power_of_2(features), 16), 32)
+    width, features_width = max(next_power_of_2(channels), 16), max(next_power_of_2(features), 16)
     state = channels * features
     f32 = torch.float32
     # no state for the last strip's columns or the last tile's rows: nothing comes after them
     columns = torch.empty(batch * heads, strips - 1, y, state, device=device, dtype=f32) if strips > 1 else out
     rows = torch.empty(batch * heads, strips, strip, tiles - 1, state, device=device, dtype=f32) if tiles > 1 else out
-    blocks = cdiv(channels, block_c) * cdiv(features, block_f)
-    column_programs = batch * heads * (strips - 1) * blocks
-    row_programs = batch * heads * strips * (tiles - 1) * blocks
+    # the states kernel: one program per strip (G) or strip and tile (P) and 32 x 32 block of the state
+    state_c, state_f = min(width, 32), min(features_width, 32)
+    blocks = cdiv(channels, state_c) * cdiv(features, state_f)
+    g_programs = batch * heads * (strips - 1) * blocks
+    p_programs = batch * heads * strips * (tiles - 1) * blocks
+    # the output kernel: one program per row of a strip and per column, and block of the values
+    out_f = min(features_width, 64 if width <= 128 else 32)
+    row_programs = batch * heads * strips * strip * cdiv(features, out_f)
+    column_programs = batch * heads * y * cdiv(features, out_f) if strips > 1 else 0
     sizes = (x, y, heads, channels, features, strips, strip, tiles, tile)
     q_strides, k_strides, v_strides = (t.stride()[:4] for t in (query, keys, values))
     options = dict(FLIP=flip, PRECISION=precision, num_warps=WARPS)
     with on_device(device):
-        if column_programs + row_programs:
-            _states_kernel[(column_programs + row_programs,)](
-                keys, values, columns, rows, *k_strides, *v_strides, *sizes, column_programs,
-                CB=block_c, FB=block_f, **options)
-        block_f = min(max(next_power_of_2(features), 16), 64 if width <= 128 else 32)
-        f_blocks = cdiv(features, block_f)
-        row_programs = batch * heads * strips * strip * f_blocks
-        column_programs = batch * heads * y * f_blocks if strips > 1 else 0
+        if g_programs + p_programs:
+            _states_kernel[(g_programs + p_programs,)](
+                keys, values, columns, rows, *k_strides, *v_strides, *sizes, g_programs, CB=state_c, FB=state_f,
+                **options)
         _output_kernel[(row_programs + column_programs,)](
             query, keys, values, columns, rows, out, *q_strides, *k_strides, *v_strides, *out.stride()[:4], *sizes,
-            row_programs, CP=width, FB=block_f, **options)
+            row_programs, CP=width, FB=out_f, **options)
     return out
