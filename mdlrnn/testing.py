@@ -43,6 +43,13 @@ def lightnet_errors(shape, dv: int, generator, device, *, mode: str, spread: flo
     return errors
 
 
+def projection_slice(x: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
+    """x with the strides of a layer's q, k or v: a slice of a fused projection twice as wide (the last axis
+    contiguous, the others strided) in a layout with the axes `dims` swapped."""
+    a, b = dims
+    return torch.cat([x, x], -1).transpose(a, b).contiguous().transpose(a, b)[..., : x.shape[-1]]
+
+
 def lightnet_errors_with_torch(shape, dv: int, generator, device, *, mode: str, **options) -> tuple[dict, dict]:
     """lightnet_errors of backend='triton' and, on the same inputs, of the float32 torch path on the CPU: where
     float32 cannot resolve a gradient (dk of a softmax saturated by huge logits, a difference of terms that agree
