@@ -124,8 +124,9 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
     masked to columns <= each query's, and the running sum of P[bh, I, r, J'] over J' < J. The others: column
     c walks the strips I > 0: the running sum of G[bh, I', c] over I' < I. Each adds its part to OUT (float32,
     zero before).
-    The products with the running state are exact float32 at any PRECISION: small (16 positions), and a TF32
-    product with a loop-carried operand fails to compile in Triton 3.6 (its prefetch pass)."""
+    The products with the running state keep float32 accuracy at any PRECISION as TF32x3 (three TF32 products on
+    tensor cores, a fifth faster than float32 FMA at 64x64): the running sums must not be rounded to TF32, and a
+    plain TF32 product with a loop-carried operand fails to compile in Triton 3.6 (its prefetch pass)."""
     pid = tl.program_id(0)
     f_blocks = tl.cdiv(F, FB)
     f = (pid % f_blocks) * FB + tl.arange(0, FB)
@@ -148,7 +149,7 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
             cols = tile * TILE + side
             valid = (side < TILE) & (cols < Y) & (row < X)
             q = _positions(Q, _offsets(b, h, rows, cols, X, Y, sqb, sqx, sqy, sqh, FLIP), valid, c, C)
-            acc = tl.dot(q, state, input_precision="ieee")  # see the docstring
+            acc = tl.dot(q, state, input_precision="tf32x3")  # see the docstring
             key_cols = tile * TILE + key_side
             for first in range(0, r + 1, 4):
                 key_rows = strip * STRIP + first + key_four
@@ -175,7 +176,7 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
             valid = (side < STRIP) & (rows < X)
             q = _positions(Q, _offsets(b, h, rows, cols, X, Y, sqb, sqx, sqy, sqh, FLIP), valid, c, C)
             out = OUT + _offsets(b, h, rows, cols, X, Y, sob, sox, soy, soh, FLIP)
-            acc = tl.dot(q, state, input_precision="ieee")
+            acc = tl.dot(q, state, input_precision="tf32x3")
             tl.atomic_add(out[:, None] + f[None, :], acc, mask=valid[:, None] & (f < F)[None, :], sem="relaxed")
 
 
