@@ -111,12 +111,12 @@ def _readout_kernel(Q, K, V, W, C, Y, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v
         k, v, w = _source_block(K, V, SLOT, w_rows, t, o, b * k_b + h * k_h, k_p, b * v_b + h * v_h, v_p, start, NT, P,
                                 row_ok, dks, dk_ok, dvs, dv_ok, BS)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * w
-        acc += tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+        acc = tl.dot(scores.to(v.dtype), v, acc, input_precision=PRECISION)
     if HAS_BORDER:
         q32 = q.to(tl.float32)  # states stay float32 (tf32 products for half inputs)
         for j in range(E):
             c, w_j = _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
-            acc += w_j * tl.dot(q32, c, input_precision=PRECISION)
+            acc = tl.dot(w_j * q32, c, acc, input_precision=PRECISION)  # accumulated in the product
     tl.store(Y + _dense(o, b, h, pos, N, NO, NH, DV)[:, None] + dvs[None, :], scale * acc,
              mask=real[:, None] & dv_ok[None, :])
 
@@ -142,8 +142,8 @@ def _readout_sources_kernel(Q, K, V, W, DY, DK_, DV_, DW, SLOT, q_b, q_h, q_p, k
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (q_p . k_s)
         d_scores = tl.dot(dy, tl.trans(v), input_precision=PRECISION)  # (dy_p . v_s)
         tl.store(DW + (r * P + rows[:, None]) * WIDTH + cols[None, :], d_scores * scores, mask=w_mask)
-        dv_acc += tl.dot(tl.trans((scores * w).to(q.dtype)), dy, input_precision=PRECISION)
-        dk_acc += tl.dot(tl.trans((d_scores * w).to(q.dtype)), q, input_precision=PRECISION)
+        dv_acc = tl.dot(tl.trans((scores * w).to(q.dtype)), dy, dv_acc, input_precision=PRECISION)
+        dk_acc = tl.dot(tl.trans((d_scores * w).to(q.dtype)), q, dk_acc, input_precision=PRECISION)
     tl.store(DK_ + _dense(o, b, h, pos_s, N, NO, NH, DK)[:, None] + dks[None, :], dk_acc,
              mask=real_s[:, None] & dk_ok[None, :])
     tl.store(DV_ + _dense(o, b, h, pos_s, N, NO, NH, DV)[:, None] + dvs[None, :], dv_acc,
@@ -170,14 +170,14 @@ def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, SLOT, q_b, q_h, q_p, k_b,
         k, v, w = _source_block(K, V, SLOT, w_rows, t, o, b * k_b + h * k_h, k_p, b * v_b + h * v_h, v_p, start, NT, P,
                                 row_ok, dks, dk_ok, dvs, dv_ok, BS)
         d_scores = tl.dot(dy, tl.trans(v), input_precision=PRECISION) * w
-        dq += tl.dot(d_scores.to(q.dtype), k, input_precision=PRECISION)
+        dq = tl.dot(d_scores.to(q.dtype), k, dq, input_precision=PRECISION)
     if HAS_BORDER:
         q32 = q.to(tl.float32)
         for j in range(E):
             c, w_j = _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
             read = tl.dot(q32, c, input_precision=PRECISION)  # q_p^T C_j
             tl.store(DW + (r * P + rows) * WIDTH + P + j, tl.sum(read * dy32, 1), mask=row_ok)
-            dq += w_j * tl.dot(dy32, tl.trans(c), input_precision=PRECISION)
+            dq = tl.dot(w_j * dy32, tl.trans(c), dq, input_precision=PRECISION)
     tl.store(DQ + _dense(o, b, h, pos, N, NO, NH, DK)[:, None] + dks[None, :], dq, mask=real[:, None] & dk_ok[None, :])
 
 
@@ -200,7 +200,7 @@ def _outer_sums_kernel(A, B, WT, OUT, SLOT, a_b, a_h, a_p, b_b, b_h, b_p, w_r, w
         a = _block_of(A, bt * a_b + h * a_h, pos, a_p, real, das, da_ok)
         b = _block_of(B, bt * b_b + h * b_h, pos, b_p, real, dbs, db_ok).to(a.dtype)
         w = tl.load(WT + r * w_r + e * w_e + cols * w_s, mask=col_ok, other=0.0)
-        acc += tl.dot(tl.trans((a * w[:, None]).to(a.dtype)), b, input_precision=PRECISION)
+        acc = tl.dot(tl.trans((a * w[:, None]).to(a.dtype)), b, acc, input_precision=PRECISION)
     tl.store(OUT + ((r * E + e) * DA + das[:, None]) * DB + dbs[None, :], acc, mask=da_ok[:, None] & db_ok[None, :])
 
 
@@ -222,7 +222,7 @@ def _exits_backward_kernel(K, V, X, DU, DK_, DV_, DX, SLOT, k_b, k_h, k_p, v_b, 
         k_du = tl.dot(k, du, input_precision=PRECISION)  # k_s^T dU_e, (BS, BV)
         tl.store(DX + (r * E + e) * WIDTH + cols, tl.sum(k_du * v, 1), mask=col_ok)
         dv_acc += x[:, None] * k_du
-        dk_acc += x[:, None] * tl.dot(v, tl.trans(du), input_precision=PRECISION)
+        dk_acc = tl.dot(x[:, None] * v, tl.trans(du), dk_acc, input_precision=PRECISION)
     dk_ptrs = DK_ + _dense(o, b, h, pos, N, NO, NH, DK)[:, None] + dks[None, :]
     dv_ptrs = DV_ + _dense(o, b, h, pos, N, NO, NH, DV)[:, None] + dvs[None, :]
     dk_mask, dv_mask = real[:, None] & dk_ok[None, :], real[:, None] & dv_ok[None, :]
