@@ -236,6 +236,26 @@ def test_tile_kernels_half_precision(generator, device, small_tiles):
     assert max(errors.values()) < 1e-2, errors
 
 
+def test_tile_readout_half_inputs_in_blocks_of_128(generator, device):
+    """The forward read-out with half inputs takes blocks of 128 queries (where shared memory allows): against
+    its formula in float64 on 156 positions (a full and a partial block), with entering border states and the
+    weights of wavefront order (zero above the diagonal). The interpreter has no bfloat16: float16 here."""
+    from mdlrnn.kernels import tiles
+
+    rows, size, border, dk, dv = 2, 156, 25, 8, 12
+    f64 = dict(generator=generator, dtype=torch.float64)
+    q, k, v = (torch.randn(rows, size, d, **f64).half().double() for d in (dk, dk, dv))
+    weights = torch.randn(rows, size, size + border, **f64)
+    weights[..., :size] = weights[..., :size].tril()
+    entering = torch.randn(rows, border, dk, dv, **f64)
+    expected = (q @ k.mT * weights[..., :size]) @ v + torch.einsum("rpj,rpk,rjkv->rpv", weights[..., size:], q, entering)
+    half = [x.to(device, torch.float16) for x in (q, k, v)]
+    if tiles._readout_blocks(half[0], has_border=True) != (128, 8):
+        pytest.skip("this GPU's shared memory takes the read-out's blocks of 64")
+    y = tiles.tile_readout(*half, weights.to(device, torch.float32), entering.to(device, torch.float32))
+    assert relative_error(y, expected) < 1e-2
+
+
 def test_plstm1d_layer_compiles_without_graph_breaks(device):
     """A whole pLSTM layer (two orientations, projections, gates) on the 1D kernels, under fullgraph compile."""
     from mdlrnn.layers import PLSTM1D

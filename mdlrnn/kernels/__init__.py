@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from functools import lru_cache
 
 import torch
 
@@ -68,6 +69,16 @@ def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
 def on_device(device: torch.device):
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@lru_cache(maxsize=16)
+def shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on `device` (Hopper's 227 KiB off CUDA: the interpreter runs
+    the configuration the largest GPUs get)."""
+    if device.type != "cuda":
+        return 227 * 1024
+    properties = torch.cuda.get_device_properties(device)
+    return getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
 
 
 POISON = False  # benchmarks/check_kernels.py: kernel outputs start as NaN, so a missed write cannot pass unseen
