@@ -62,8 +62,9 @@ def next_power_of_2(n: int) -> int:
 
 
 def unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    """x itself where its last axis is contiguous (the kernels read any other strides), else a contiguous copy."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """x itself where its last axis is contiguous or one element long (the kernels read any other strides), else a
+    contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
 def on_device(device: torch.device):

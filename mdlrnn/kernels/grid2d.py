@@ -20,7 +20,7 @@ import torch
 
 from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
-from . import eager_forward, first_order_only, run
+from . import eager_forward, first_order_only, run, unit_last_stride
 from .tiles import (Rows, TritonTiles, exit_states, exits_backward, readout, readout_backward, transfer,
                     transfer_backward)
 
@@ -49,17 +49,12 @@ def _slots(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]
     return torch.stack(slots).view(len(orientations), plan.num_tiles, plan.tile_size).to(plan.gather.device, torch.int32)
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    """The kernels read features with unit stride."""
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def _inputs(q, k, v, source, transition, mark, direct, orientations):
     """Tile rows; q, k, v (B, N, H, D); gates (B, N, O, H, F) with transition's 2 x 2 flattened; direct (B, N, H, 1)."""
     batch, x, y, heads, _ = q.shape
     plan = _plan(q)
     rows = Rows(_slots(plan, (x, y), orientations), plan.num_tiles, len(orientations), batch, heads, x * y)
-    flat = lambda t: _unit(t.flatten(1, 2))
+    flat = lambda t: unit_last_stride(t.flatten(1, 2))
     gates = [flat(source), flat(transition.flatten(-2)), flat(mark)]
     # direct is read through its strides: (B, N, H, 1) as a view, whatever the strides of its H axis
     return plan, rows, [flat(t) for t in (q, k, v)], gates, None if direct is None else direct.flatten(1, 2)[..., None]
