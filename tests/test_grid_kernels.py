@@ -152,9 +152,18 @@ def test_tile_kernels_match_reference(sizes, direct, generator, device, small_ti
 
 
 def test_tile_kernels_whole_grid_and_wide_heads(generator, device):
-    """A grid of up to 256 positions is one tile (no border states); head sizes off the block grid."""
+    """A small grid is one tile (no border states); head sizes off the block grid."""
     errors = compare(grid_inputs(1, (6, 11), 3, 24, 40, generator=generator), device, scale=0.3)
     assert max(errors.values()) < 1e-5, errors
+
+
+def test_tile_shapes_of_2d_grids():
+    """One tile up to 1024 positions and 32 per axis; beyond, tiles of up to 16 per axis, as even as can be."""
+    from mdlrnn.kernels.tiles import TritonTiles
+
+    assert TritonTiles.tile((14, 14)) == (14, 14) and TritonTiles.tile((32, 32)) == (32, 32)
+    assert TritonTiles.tile((37, 29)) == (13, 15) and TritonTiles.tile((64, 64)) == (16, 16)
+    assert TritonTiles.tile((1, 200)) == (1, 16)  # a long thin grid: no weight solve of 200 sequential steps
 
 
 def test_tile_kernels_custom_op_registration(generator, device, small_tiles):

@@ -89,7 +89,7 @@ def _entering(k3, v3, exits, rows: Rows, plan: TilePlan) -> Optional[torch.Tenso
     dk, dv = k3.shape[-1], v3.shape[-1]
     tiles_by_group, border, size = (plan.num_tiles, rows.count // plan.num_tiles), plan.num_border, plan.tile_size
     local = exit_states(k3, v3, exits, rows).view(*tiles_by_group, border, dk * dv)
-    entering = TorchAcross.states(local, exits[..., size:].reshape(*tiles_by_group, border, border), plan)
+    entering = TorchAcross.states(local, exits[..., size:size + border].reshape(*tiles_by_group, border, border), plan)
     return entering.view(-1, border, dk, dv)
 
 
@@ -128,10 +128,10 @@ def _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, orient
     d_exits = torch.zeros_like(exits)
     if has_border:
         tiles_by_group = (plan.num_tiles, rows.count // plan.num_tiles)
-        exit_border = exits[..., size:].reshape(*tiles_by_group, border, border)
+        exit_border = exits[..., size:size + border].reshape(*tiles_by_group, border, border)
         states = entering.view(*tiles_by_group, border, dk * dv)
         d_local, d_border = TorchAcross.adjoint(d_entering.view_as(states), exit_border, states, plan)
-        d_exits[..., size:] = d_border.flatten(0, 1)
+        d_exits[..., size:size + border] = d_border.flatten(0, 1)
         exits_backward(k3, v3, exits, d_local.view(-1, border, dk, dv), rows, dk_, dv_, d_exits, accumulate=True)
     ds, dt, dm, dd = transfer_backward(*gates[1:], direct is not None, rows, plan.tile, phi, d_weights, d_exits)
     grads = [_orientations_summed(g).view(x.shape) for g, x in ((dq, q), (dk_, k), (dv_, v))]
