@@ -78,6 +78,16 @@ def test_box_paths_at_the_tiles_limit(spread, tiled, generator, device, monkeypa
         assert relative_error(a.grad, b.grad) < 1e-5, name
 
 
+def test_box_mode_under_cuda_graph_capture_says_why_not(generator, monkeypatch):
+    """Box mode picks its path on the host: inside a CUDA graph capture it raises a clear error, not an
+    invalidated capture."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    q, k, v = qkv(1, (3, 4), 1, 4, 4, generator)
+    with pytest.raises(RuntimeError, match="capture"):
+        lightnet_scan(q, k, v, mode="box", backend="torch")
+
+
 def test_causal_is_box_on_the_flattened_sequence(generator):
     q, k, v = qkv(1, (4, 5), 2, 3, 3, generator)
     causal = lightnet_scan(q, k, v, mode="causal")

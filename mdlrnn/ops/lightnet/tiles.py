@@ -34,7 +34,13 @@ SPREAD = 60.0  # e^60 ~ 1e26: Z, q' and the states stay well inside float32's ra
 
 
 def tiles_fit(k: torch.Tensor) -> bool:
-    """Whether one reference per (batch, head, channel) serves: max k - k at the first position < SPREAD."""
+    """Whether one reference per (batch, head, channel) serves: max k - k at the first position < SPREAD. The
+    answer is read on the host, which a CUDA graph capture cannot wait for: there, a clear error instead of an
+    invalidated capture."""
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("lightnet_scan(mode='box') on a 2D grid reads the logits' spread on the host to choose "
+                           "its exact path, which a CUDA graph capture cannot do: run box mode outside the capture "
+                           "(causal and global modes capture)")
     spread = k.detach().flatten(1, 2).amax(1) - k.detach()[:, 0, 0]
     return bool((spread < SPREAD).all())
 
