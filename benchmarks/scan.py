@@ -6,6 +6,9 @@ the same token count, each op against its attention (f+b / attn): grid_scan and 
 against SDPA, LightNet's causal mode against causal SDPA. "lightnet box sweeps" is box mode with logits spread
 by up to 100, where the kernels take the row sweeps. `--dims 1` times 1D grids of the same token counts (196 to 16384),
 where everything is causal.
+"graph" is the forward+backward captured once in a CUDA graph and replayed: the GPU's time without the host's
+launches and Python, which bound the small sizes in eager mode (what `torch.cuda.graph` or
+`torch.compile(mode="reduce-overhead")` give a training step); nan where an op cannot be captured.
 Prints a table and writes JSON.
 
     python benchmarks/scan.py [--backends torch,triton] [--dims 1,2] [--ops "grid_scan,lightnet box"] [--out F.json]
@@ -46,6 +49,29 @@ def cuda_time(fn, repeats: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def graph_time(step) -> float:
+    """Median milliseconds of `step` captured in a CUDA graph and replayed; NaN where it cannot be captured
+    (it waits on the host)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture: kernels compiled, cached index tables made
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.set_sync_debug_mode("error")  # found before a capture, whose failure would leave torch's state broken
+    try:
+        step()
+    except RuntimeError as error:
+        print(f"  (not captured: {str(error).splitlines()[0][:100]})")
+        return float("nan")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return cuda_time(graph.replay)
+
+
 def measure(run, leaves) -> dict:
     def forward_backward():
         run().float().square().mean().backward()
@@ -56,6 +82,7 @@ def measure(run, leaves) -> dict:
     base = torch.cuda.memory_allocated()
     result = dict(forward_ms=cuda_time(lambda: run()), forward_backward_ms=cuda_time(forward_backward))
     result["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    result["graph_forward_backward_ms"] = graph_time(forward_backward)
     return result
 
 
@@ -119,7 +146,8 @@ def main():
     device, dtype, heads, dim = torch.device("cuda"), torch.bfloat16, 3, 64
     rows = []
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, H={heads}, D={dim}")
-    print(f"{'op':<28}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / attn':>12}")
+    print(f"{'op':<28}{'grid':>10}{'B':>4}{'fwd ms':>10}{'f+b ms':>10}{'peak MiB':>10}{'f+b / attn':>12}"
+          f"{'graph ms':>10}{'graph / attn':>14}")
     cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
     for sizes, batch in cases:
         lead, n = (batch, *sizes, heads), len(sizes)
@@ -154,14 +182,17 @@ def main():
             try:
                 results[name] = measure(run, leaves)
             except torch.OutOfMemoryError:
-                results[name] = dict(forward_ms=float("nan"), forward_backward_ms=float("nan"), peak_mib=float("nan"))
+                results[name] = dict.fromkeys(("forward_ms", "forward_backward_ms", "peak_mib",
+                                               "graph_forward_backward_ms"), float("nan"))
             torch.cuda.empty_cache()
         for name, r in results.items():
             baseline = runs[name][2] or name
             ratio = r["forward_backward_ms"] / results[baseline]["forward_backward_ms"]
+            graph_ratio = r["graph_forward_backward_ms"] / results[baseline]["graph_forward_backward_ms"]
             print(f"{name:<28}{'x'.join(map(str, sizes)):>10}{batch:>4}{r['forward_ms']:10.2f}{r['forward_backward_ms']:10.2f}"
-                  f"{r['peak_mib']:10.0f}{ratio:11.1f}x")
-            rows.append(dict(op=name, sizes=sizes, batch=batch, **r, baseline=baseline, forward_backward_vs_baseline=ratio))
+                  f"{r['peak_mib']:10.0f}{ratio:11.1f}x{r['graph_forward_backward_ms']:10.2f}{graph_ratio:13.2f}x")
+            rows.append(dict(op=name, sizes=sizes, batch=batch, **r, baseline=baseline, forward_backward_vs_baseline=ratio,
+                             graph_vs_baseline=graph_ratio))
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
                 dtype="bfloat16", heads=heads, dim=dim)
     args.out.parent.mkdir(parents=True, exist_ok=True)
