@@ -125,6 +125,7 @@ def _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, orient
     has_border = entering is not None
     dy3 = (scale * dy.float()).reshape(rows.batch, rows.positions, rows.heads, dv).contiguous()
     dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, entering, dy3, rows)
+    del weights  # read for the last time: its memory free before the transfer's adjoint allocates its own
     d_exits = torch.zeros_like(exits)
     if has_border:
         tiles_by_group = (plan.num_tiles, rows.count // plan.num_tiles)

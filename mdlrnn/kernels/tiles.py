@@ -460,7 +460,7 @@ def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch
 
 
 def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
-    """[dq, dk, dv (B, N, O, H, D), d_weights (R, P_t, P_t + E), d_entering (R, E, Dk, Dv) or None], float32.
+    """[dq, dk, dv (B, N, O, H, D), d_weights (weights' shape), d_entering (R, E, Dk, Dv) or None], float32.
     dy: (B, N, H, Dv) float32 contiguous."""
     size, width, dk, dv = rows.size, weights.shape[-1], q.shape[-1], v.shape[-1]
     border = entering.shape[1] if entering is not None else 0
