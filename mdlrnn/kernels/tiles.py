@@ -530,7 +530,7 @@ def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int]
     or None."""
     device, (c0, c1) = source.device, tile
     positions, border = c0 * c1, c0 + c1
-    width = -(-(positions + border) // 16) * 16  # rows padded (with zero columns) to aligned strides
+    width = cdiv(positions + border, 16) * 16  # rows padded (with zero columns) to aligned strides
     phi = empty(rows.count, 2 * positions, width, device=device)
     weights = empty(rows.count, positions, width, device=device)
     exits = empty(rows.count, border, width, device=device)
