@@ -127,6 +127,18 @@ def test_any_input_resolution(name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
+def test_training_after_evaluation_under_inference_mode(name):
+    """Validation under torch.inference_mode (as Lightning runs it), then training at that size: the index tables
+    cached by the first call must not be inference tensors, which autograd cannot save."""
+    model = small(name)
+    x = torch.randn(2, 3, 80, 144)  # a 5x9 token grid no other test uses, so the first call builds its tables
+    with torch.inference_mode():
+        model.eval()(x)
+    model.train()(x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_registered_tiny_runs_at_other_resolutions(name):
     model = timm.create_model(name, num_classes=3).eval()
     with torch.no_grad():

@@ -13,11 +13,11 @@ and v.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
 
+from ..ops._tables import device_tables
 from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
 from . import eager_forward, first_order_only, run, unit_last_stride
@@ -30,7 +30,7 @@ def _plan(q: torch.Tensor) -> TilePlan:
     return tile_plan(sizes, q.device, TritonTiles.tile(sizes))
 
 
-@lru_cache(maxsize=64)
+@device_tables(maxsize=64)
 def _slots(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]) -> torch.Tensor:
     """(O, T, P_t) int32: per orientation (bit a set: axis a flipped), the grid position in the original frame of
     each tile slot, -1 in padding. The orientation's grid is the original read through the flip: no flipped copy

@@ -18,13 +18,13 @@ within 1e-2 on 64x64 grids.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..ops._tables import device_tables
 from ..ops.grid.chunk import TorchTiles
 from ..ops.grid.plan import tile_shape, wavefront
 from . import cdiv, empty, next_power_of_2, on_device, shared_memory
@@ -408,7 +408,7 @@ class Rows(NamedTuple):
         return empty(self.batch, self.positions, self.orientations, self.heads, features, device=device)
 
 
-@lru_cache(maxsize=64)
+@device_tables(maxsize=64)
 def _identity_slots(positions: int, device: torch.device) -> torch.Tensor:
     return torch.arange(positions, dtype=torch.int32, device=device)[None, None]
 
@@ -510,7 +510,7 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
             BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k))
 
 
-@lru_cache(maxsize=64)
+@device_tables(maxsize=64)
 def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(C0 * C1,) wavefront rank of each position of a 2D tile, in row-major order."""
     order = wavefront(tile).order

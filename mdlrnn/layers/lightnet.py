@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import grid_scan, lightnet_scan
+from ..ops._tables import device_tables
 from ..ops.grid.plan import coordinates
 
 __all__ = ["LightNetAttention", "MDTPE", "md_lrpe_angles"]
 
 
-@lru_cache(maxsize=32)
+@device_tables(maxsize=32)
 def md_lrpe_angles(sizes: tuple[int, ...], head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
     """Angles (*S, 1, head_dim) of the multi-dimensional LRPE: the channels are split into one block per
     axis, and channel j of block a turns with position p_a at frequency base^(-j / block)."""

@@ -15,11 +15,10 @@ adjoint scan. Memory stays linear in the number of positions.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from .._checks import first_order_only
+from .._tables import device_tables
 from .plan import TilePlan, tile_plan, tile_shape
 
 
@@ -84,7 +83,7 @@ def _transfer(plan: TilePlan, source, transition, mark, direct):
 
 
 @torch.compiler.disable
-@lru_cache(maxsize=256)
+@device_tables(maxsize=256)
 def _entering_rows(plan: TilePlan, groups: int, border: int) -> tuple[torch.Tensor | None, ...]:
     """Per step, the row of each entering border state (tile, group, edge) in the flattened exit states of
     all tiles, whose last row (index T * G * E) stays zero for edges entering from outside the grid."""

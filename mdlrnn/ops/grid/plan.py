@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 from torch import Tensor
+
+from .._tables import device_tables
 
 # Tile edge per number of axes. Each position reads every border state of its tile, so the Dk x Dv work
 # grows with the border (2c edges in 2D); small tiles keep it near the wavefront's (measured on the CPU).
@@ -206,7 +207,7 @@ def _intra_tile(tile: tuple[int, ...]):
 
 
 @torch.compiler.disable  # index arithmetic, cached: run eagerly rather than traced into every graph
-@lru_cache(maxsize=64)
+@device_tables(maxsize=64)
 def tile_plan(sizes: tuple[int, ...], device: torch.device, tile: tuple[int, ...] | None = None) -> TilePlan:
     """The plan for tiles of shape `tile` (default: tile_shape(sizes))."""
     tile = tile_shape(sizes) if tile is None else tuple(min(s, c) for s, c in zip(sizes, tile))
