@@ -21,11 +21,12 @@ def md_lrpe_angles(sizes: tuple[int, ...], head_dim: int, base: float = 10000.0,
     axis, and channel j of block a turns with position p_a at frequency base^(-j / block)."""
     ndim = len(sizes)
     block = math.ceil(head_dim / ndim)
-    axis = torch.arange(head_dim) // block
-    frequency = base ** (-(torch.arange(head_dim) % block) / block)
-    position = coordinates(sizes).to(torch.float64)[:, axis]  # (P, head_dim): p_a for each channel's axis
-    angles = (position * frequency).float().reshape(*sizes, 1, head_dim)
-    return angles.to(device)
+    # on the target device: torch.compile traces this, and inductor (torch 2.11) failed on CPU arithmetic feeding
+    # CUDA ops ("Unhandled FakeTensor Device Propagation")
+    channel = torch.arange(head_dim, device=device)
+    frequency = base ** (-(channel % block) / block)
+    position = coordinates(sizes).to(device, torch.float64)[:, channel // block]  # (P, head_dim): p_a per channel's axis
+    return (position * frequency).float().reshape(*sizes, 1, head_dim)
 
 
 class LightNetAttention(nn.Module):
