@@ -312,7 +312,9 @@ def _forward_on(q, k, v, angles, scale: float, tiled: bool):
     return _parts_summed(out, v.dtype), m, z
 
 
-lightnet_box = torch.library.custom_op("mdlrnn::lightnet_box", _forward, mutates_args=())
+# The op reads the logits' spread on the host (tiles_fit): inductor keeps it out of its CUDA graphs (torch >= 2.9)
+HOST_READ = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
+lightnet_box = torch.library.custom_op("mdlrnn::lightnet_box", _forward, mutates_args=(), **HOST_READ)
 
 
 @lightnet_box.register_fake
@@ -363,7 +365,8 @@ def _attention(dtype: torch.dtype):
     return functools.partial(box_attention_triton, precision="ieee" if dtype == torch.float32 else "tf32")
 
 
-lightnet_box_backward = torch.library.custom_op("mdlrnn::lightnet_box_backward", _backward, mutates_args=())
+lightnet_box_backward = torch.library.custom_op("mdlrnn::lightnet_box_backward", _backward, mutates_args=(),
+                                                **HOST_READ)
 
 
 @lightnet_box_backward.register_fake
