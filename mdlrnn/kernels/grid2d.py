@@ -30,7 +30,7 @@ def _plan(q: torch.Tensor) -> TilePlan:
     return tile_plan(sizes, q.device, TritonTiles.tile(sizes))
 
 
-@device_tables(maxsize=64)
+@device_tables
 def _slots(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]) -> torch.Tensor:
     """(O, T, P_t) int32: per orientation (bit a set: axis a flipped), the grid position in the original frame of
     each tile slot, -1 in padding. The orientation's grid is the original read through the flip: no flipped copy

@@ -408,7 +408,7 @@ class Rows(NamedTuple):
         return empty(self.batch, self.positions, self.orientations, self.heads, features, device=device)
 
 
-@device_tables(maxsize=64)
+@device_tables
 def _identity_slots(positions: int, device: torch.device) -> torch.Tensor:
     return torch.arange(positions, dtype=torch.int32, device=device)[None, None]
 
@@ -510,7 +510,7 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
             BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k))
 
 
-@device_tables(maxsize=64)
+@device_tables
 def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
     """(C0 * C1,) wavefront rank of each position of a 2D tile, in row-major order."""
     order = wavefront(tile).order

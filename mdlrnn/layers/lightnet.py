@@ -15,7 +15,7 @@ from ..ops.grid.plan import coordinates
 __all__ = ["LightNetAttention", "MDTPE", "md_lrpe_angles"]
 
 
-@device_tables(maxsize=32)
+@device_tables
 def md_lrpe_angles(sizes: tuple[int, ...], head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
     """Angles (*S, 1, head_dim) of the multi-dimensional LRPE: the channels are split into one block per
     axis, and channel j of block a turns with position p_a at frequency base^(-j / block)."""

@@ -83,7 +83,7 @@ def _transfer(plan: TilePlan, source, transition, mark, direct):
 
 
 @torch.compiler.disable
-@device_tables(maxsize=256)
+@device_tables
 def _entering_rows(plan: TilePlan, groups: int, border: int) -> tuple[torch.Tensor | None, ...]:
     """Per step, the row of each entering border state (tile, group, edge) in the flattened exit states of
     all tiles, whose last row (index T * G * E) stays zero for edges entering from outside the grid."""

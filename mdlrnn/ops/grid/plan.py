@@ -139,6 +139,10 @@ class TilePlan:
     def tile_size(self) -> int:
         return math.prod(self.tile)
 
+    @property
+    def device(self) -> torch.device:
+        return self.gather.device
+
 
 def _intra_tile(tile: tuple[int, ...]):
     """Gate placements, matrix sections, hyperplane row counts (or None), exit rows and E of a tile."""
@@ -207,7 +211,7 @@ def _intra_tile(tile: tuple[int, ...]):
 
 
 @torch.compiler.disable  # index arithmetic, cached: run eagerly rather than traced into every graph
-@device_tables(maxsize=64)
+@device_tables
 def tile_plan(sizes: tuple[int, ...], device: torch.device, tile: tuple[int, ...] | None = None) -> TilePlan:
     """The plan for tiles of shape `tile` (default: tile_shape(sizes))."""
     tile = tile_shape(sizes) if tile is None else tuple(min(s, c) for s, c in zip(sizes, tile))
