@@ -22,9 +22,9 @@ def md_lrpe_angles(sizes: tuple[int, ...], head_dim: int, base: float = 10000.0,
     ndim = len(sizes)
     block = math.ceil(head_dim / ndim)
     # on the target device: torch.compile traces this, and inductor (torch 2.11) failed on CPU arithmetic feeding
-    # CUDA ops ("Unhandled FakeTensor Device Propagation")
+    # CUDA ops ("Unhandled FakeTensor Device Propagation"); float64, so that every device rounds alike
     channel = torch.arange(head_dim, device=device)
-    frequency = base ** (-(channel % block) / block)
+    frequency = base ** (-(channel % block).double() / block)
     position = coordinates(sizes).to(device, torch.float64)[:, channel // block]  # (P, head_dim): p_a per channel's axis
     return (position * frequency).float().reshape(*sizes, 1, head_dim)
 
