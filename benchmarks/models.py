@@ -20,6 +20,7 @@ from typing import Optional
 
 import timm
 import torch
+from torch._inductor.cudagraph_trees import reset_cudagraph_trees
 
 import mdlrnn  # noqa: F401  (registers the models)
 
@@ -64,6 +65,8 @@ def measure(name: str, size: int, batch: int, compile_mode: Optional[str] = None
     result = {}
     for mode, step in (("inference", infer), ("training", train)):
         model.train(mode == "training")
+        if compile_mode is not None:  # the inference graphs' memory pool is not the training step's memory
+            reset_cudagraph_trees()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
