@@ -46,7 +46,7 @@ def _slots(plan: TilePlan, sizes: tuple[int, int], orientations: tuple[int, ...]
             if mask >> axis & 1:
                 coords[:, axis] = sizes[axis] - 1 - coords[:, axis]
         slots.append((coords * strides).sum(-1)[gather].masked_fill(padding, -1))
-    return torch.stack(slots).view(len(orientations), plan.num_tiles, plan.tile_size).to(plan.gather.device, torch.int32)
+    return torch.stack(slots).view(len(orientations), plan.num_tiles, plan.tile_size).to(plan.device, torch.int32)
 
 
 def _inputs(q, k, v, source, transition, mark, direct, orientations):

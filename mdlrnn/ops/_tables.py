@@ -21,8 +21,8 @@ from functools import cache, wraps
 
 import torch
 
-_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mdlrnn-tables")
-_on_builder = threading.local()
+BUILDER = "mdlrnn-tables"
+_builder = ThreadPoolExecutor(max_workers=1, thread_name_prefix=BUILDER)
 
 
 def _device(args, kwargs) -> torch.device | None:
@@ -35,15 +35,12 @@ def _device(args, kwargs) -> torch.device | None:
 
 
 def _build_on_cuda(fn, args, kwargs, device: torch.device):
-    _on_builder.active = True  # a thread of its own: not in inference mode, not allocating to any graph's pool
-    try:
-        stream = torch.cuda.Stream(device)
-        with torch.cuda.device(device), torch.cuda.stream(stream):
-            result = fn(*args, **kwargs)
-        stream.synchronize()  # complete before any stream of the caller's, which know nothing of this one, reads it
-        return result
-    finally:
-        _on_builder.active = False
+    """Runs on the builder thread: not in inference mode, not allocating to any graph's pool."""
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        result = fn(*args, **kwargs)
+    stream.synchronize()  # complete before any stream of the caller's, which know nothing of this one, reads it
+    return result
 
 
 def device_tables(fn):
@@ -55,7 +52,7 @@ def device_tables(fn):
     @cache
     @wraps(fn)
     def cached(*args, **kwargs):
-        if torch.compiler.is_compiling() or getattr(_on_builder, "active", False):
+        if torch.compiler.is_compiling() or threading.current_thread().name.startswith(BUILDER):
             return fn(*args, **kwargs)
         device = _device(args, kwargs)
         if device is None or device.type != "cuda":
