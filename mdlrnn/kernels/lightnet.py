@@ -19,7 +19,7 @@ what enters each block is joined from those, so that no program walks the whole 
   from the earlier blocks' summaries, then m, z, q', k' per row: a scan of (m, z) pairs); backward the same two
   for r_s = sum_{p>=s} e^{m_s - m_p} dz_p, the gradient through z, read backwards.
 - states (chunks of CHUNK): `_chunk_state_kernel` (what each chunk adds), `_state_carry_kernel` (one short
-  sequential pass per state block, its loads not waiting for the carry: the state
+  sequential pass per state block, four chunks' loads at a time ahead of the carry: the state
   entering each chunk, h_c = sum_{s < c CHUNK} k'_s e^{m_s - m_{c CHUNK - 1}} v_s^T; in reverse the adjoint of the
   state leaving each chunk, from q' and dy).
 - `_output_kernel`: 16 rows of y: the entering state, the chunk's earlier blocks as tensor-core products split
@@ -128,12 +128,34 @@ def _chunk_state_kernel(A, M, X, STATES, sxb, sxn, sxh, N, H, K, V, NC,
 
 
 @triton.jit
+def _carry_load(M, ADDED, at, mask, base_k, col_k, step, N, H, K, V, NC, BC: tl.constexpr, REVERSE: tl.constexpr):
+    """What chunk step `step` of the carry adds and its rescaling e^{m_before - m_last} (clamped past the end)."""
+    c = tl.minimum(step, NC - 1)
+    if REVERSE:
+        c = NC - 1 - c
+    before = _row(M, base_k, tl.maximum(c * BC - 1, 0), col_k, K, H * K)
+    last = _row(M, base_k, tl.minimum(c * BC + BC, N) - 1, col_k, K, H * K)
+    return tl.load(ADDED + at + c * K * V, mask=mask, other=0.0), tl.exp(before - last)
+
+
+@triton.jit
+def _carry_step(STATES, at, mask, state, added, rescale, step, K, V, NC, REVERSE: tl.constexpr):
+    """Stores the state at chunk step `step` (none past the end) and carries it across that chunk."""
+    c = step
+    if REVERSE:
+        c = NC - 1 - step
+    tl.store(STATES + at + c * K * V, state, mask=mask & (step < NC))
+    return rescale[:, None] * state + added
+
+
+@triton.jit
 def _state_carry_kernel(M, ADDED, STATES, N, H, K, V, NC, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                         REVERSE: tl.constexpr):
-    """From the chunks' contributions ADDED, one step per chunk (its loads independent of the carry and of the
-    stores, so that they run ahead; in place they would wait for each store): forward, STATES[c] = h_c, the
-    state entering chunk c (frame m_{c BC - 1}); reverse, the adjoint of the state
-    leaving chunk c (frame of its last row). A step rescales by e^{m_before - m_last} of the chunk it crosses."""
+    """From the chunks' contributions ADDED, one step per chunk: forward, STATES[c] = h_c, the state entering
+    chunk c (frame m_{c BC - 1}); reverse, the adjoint of the state leaving chunk c (frame of its last row). A step
+    rescales by e^{m_before - m_last} of the chunk it crosses. Four chunks' loads are issued before their four
+    steps: a step is a few FMAs, so a loop that loaded one chunk at a time waited a memory latency per chunk
+    (both directions at 64x64 B=8 on the H200: 71 us one chunk at a time, 37 four at a time, 36 eight)."""
     bh = tl.program_id(0)
     b, h = bh // H, bh % H
     col_k = tl.program_id(1) * BK + tl.arange(0, BK)
@@ -142,16 +164,15 @@ def _state_carry_kernel(M, ADDED, STATES, N, H, K, V, NC, BC: tl.constexpr, BK: 
     at = bh.to(tl.int64) * NC * K * V + col_k[:, None] * V + col_v[None, :]
     mask = (col_k < K)[:, None] & (col_v < V)[None, :]
     state = tl.zeros((BK, BV), tl.float32)
-    for step in range(NC):
-        if REVERSE:
-            c = NC - 1 - step
-        else:
-            c = step
-        added = tl.load(ADDED + at + c * K * V, mask=mask, other=0.0)
-        tl.store(STATES + at + c * K * V, state, mask=mask)
-        before = _row(M, base_k, tl.maximum(c * BC - 1, 0), col_k, K, H * K)
-        last = _row(M, base_k, tl.minimum(c * BC + BC, N) - 1, col_k, K, H * K)
-        state = tl.exp(before - last)[:, None] * state + added
+    for step in range(0, NC, 4):
+        a0, r0 = _carry_load(M, ADDED, at, mask, base_k, col_k, step, N, H, K, V, NC, BC, REVERSE)
+        a1, r1 = _carry_load(M, ADDED, at, mask, base_k, col_k, step + 1, N, H, K, V, NC, BC, REVERSE)
+        a2, r2 = _carry_load(M, ADDED, at, mask, base_k, col_k, step + 2, N, H, K, V, NC, BC, REVERSE)
+        a3, r3 = _carry_load(M, ADDED, at, mask, base_k, col_k, step + 3, N, H, K, V, NC, BC, REVERSE)
+        state = _carry_step(STATES, at, mask, state, a0, r0, step, K, V, NC, REVERSE)
+        state = _carry_step(STATES, at, mask, state, a1, r1, step + 1, K, V, NC, REVERSE)
+        state = _carry_step(STATES, at, mask, state, a2, r2, step + 2, K, V, NC, REVERSE)
+        state = _carry_step(STATES, at, mask, state, a3, r3, step + 3, K, V, NC, REVERSE)
 
 
 @triton.jit
