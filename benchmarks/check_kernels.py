@@ -57,16 +57,16 @@ def check(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
     return rows
 
 
-def check_lightnet(sizes, batch, heads: int, dim: int, seed: int, mode: str = "causal", spread: float = 8.0
-                   ) -> list[dict]:
-    """LightNet's causal or box mode with logits k ~ spread N(0, 1) (the running maxima at work) and rotary angles,
-    against the float64 torch path (itself checked against the step-by-step reference to 1e-12 in the tests: the
+def check_lightnet(sizes, batch, heads: int, dim: int, seed: int, mode: str = "causal", spread: float = 8.0,
+                   rotary: bool = True) -> list[dict]:
+    """LightNet's causal or box mode with logits k ~ spread N(0, 1) (the running maxima at work), with or without
+    rotary angles, against the float64 torch path (itself checked against the step-by-step reference to 1e-12 in the tests: the
     reference keeps every position's region, quadratic memory at these sizes)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, *sizes, heads, dim)
     q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64).cuda() for _ in range(3))
     k = spread * k
-    angles = (6 * torch.rand(*shape, generator=gen, dtype=torch.float64)).cuda()
+    angles = (6 * torch.rand(*shape, generator=gen, dtype=torch.float64)).cuda() if rotary else None
     weight = torch.randn(*shape, generator=gen, dtype=torch.float64).cuda()
     rows = []
     for dtype, bound in BOUNDS.items():
@@ -75,11 +75,12 @@ def check_lightnet(sizes, batch, heads: int, dim: int, seed: int, mode: str = "c
         ref = lightnet_scan(*ref_leaves, mode=mode, angles=angles, backend="torch")
         (ref * weight).sum().backward()
         leaves = [x.to(dtype).requires_grad_() for x in rounded]
-        y = lightnet_scan(*leaves, mode=mode, angles=angles.to(dtype), backend="triton")
+        y = lightnet_scan(*leaves, mode=mode, angles=None if angles is None else angles.to(dtype), backend="triton")
         (y.double() * weight).sum().backward()
         errors = {"y": relative_error(y, ref)}
         errors.update({name: relative_error(a.grad, b.grad) for name, a, b in zip("qkv", leaves, ref_leaves)})
         name = f"lightnet {mode}" if mode != "box" else f"box {'tiles' if spread < 10 else 'sweeps'}"
+        name = name if rotary else name.replace("lightnet ", "") + " plain"
         rows.append(dict(op=name, sizes=sizes, batch=batch, dtype=str(dtype).replace("torch.", ""),
                          bound=bound, errors=errors, worst=max(errors.values()), ok=max(errors.values()) < bound))
         del ref, y, ref_leaves, leaves
@@ -93,7 +94,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dims", default="1,2", help="comma-separated grid dimensionalities")
     parser.add_argument("--ops", default="grid_scan,lightnet,lightnet_box,lightnet_global",
-                        help="grid_scan, lightnet (causal mode), lightnet_box (box mode, 2D grids), lightnet_global")
+                        help="grid_scan, lightnet (causal mode, with and without angles), lightnet_box (box mode, 2D grids), lightnet_global")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
     kernels.POISON = True
@@ -101,7 +102,8 @@ def main():
     print(f"{'op':>16}{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
     rows = []
     # box mode: logits spread 8 take the tiled products, spread 30 (over 60 from the first position) the sweeps
-    checks = {"grid_scan": check, "lightnet": check_lightnet,
+    # causal mode with and without angles: without, the gradient kernel also summarises for the prefix backward
+    checks = {"grid_scan": check, "lightnet": lambda *a: check_lightnet(*a) + check_lightnet(*a, rotary=False),
               "lightnet_box": lambda *a: check_lightnet(*a, mode="box") + check_lightnet(*a, mode="box", spread=30.0),
               "lightnet_global": lambda *a: check_lightnet(*a, mode="global")}
     cases = [case for n in map(int, args.dims.split(",")) for case in CASES[n]]
