@@ -431,6 +431,15 @@ def _gate_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 BLOCK_P = 64  # query and source blocks of the kernels other than the forward read-out
 
 
+def _stages(size: int) -> int:
+    """Pipeline stages of the read-out kernels and the exits' adjoint for tiles of `size` positions: one (no loads
+    staged in shared memory) up to 16 x 16, Triton's default three above. H200, bf16, per f+b: 14x14 B=64 the
+    three read-out kernels 119 -> 94 us; 64x64 B=8 read-out, queries and exits' adjoint 1797 -> 1667 us (sources
+    97 -> 100; the states' sums lose with one stage, 688 -> 846, and keep three); one 32x32 tile loses (447 ->
+    480)."""
+    return 1 if size <= 256 else 3
+
+
 def _readout_blocks(q: torch.Tensor, has_border: bool) -> tuple[int, int]:
     """(query and source block, warps) of the forward read-out. Each program reads all of its tile's entering
     states, so blocks of 128 queries read them half as often (forward 2.0 -> 1.5 ms at 64x64 B=8, bf16, H200);
@@ -455,7 +464,7 @@ def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch
             q, k, v, weights, entering if entering is not None else weights, y, rows.slots,
             *_strides(q), *_strides(k), *_strides(v), scale, *rows.args(), rows.positions, size, border,
             width, dk, dv, BP=block, BS=block, BK=_block(dk), BV=bv, HAS_BORDER=entering is not None,
-            PRECISION=_precision(q), num_warps=warps)
+            PRECISION=_precision(q), num_warps=warps, num_stages=_stages(size))
     return y
 
 
@@ -467,7 +476,8 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
     dq, dk_, dv_ = rows.outputs(dk, q.device), rows.outputs(dk, q.device), rows.outputs(dv, q.device)
     d_weights = torch.zeros(rows.count, size, width, device=q.device)  # W[p, s] for s after p is never read: zero
     d_entering = empty(rows.count, border, dk, dv, device=q.device) if entering is not None else None
-    blocks, common = cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q))
+    blocks, common = cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q),
+                                               num_stages=_stages(size))
     qkv = (*_strides(q), *_strides(k), *_strides(v))
     bv = min(64, _block(dv))
     with on_device(q.device):
@@ -507,7 +517,7 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
         _exits_backward_kernel[(rows.count, cdiv(rows.size, BLOCK_P))](
             k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args(),
             rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=BLOCK_P, BK=_block(k.shape[-1]),
-            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k))
+            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k), num_stages=_stages(rows.size))
 
 
 @device_tables
