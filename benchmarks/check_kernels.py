@@ -60,8 +60,8 @@ def check(sizes, batch, heads: int, dim: int, seed: int) -> list[dict]:
 def check_lightnet(sizes, batch, heads: int, dim: int, seed: int, mode: str = "causal", spread: float = 8.0,
                    rotary: bool = True) -> list[dict]:
     """LightNet's causal or box mode with logits k ~ spread N(0, 1) (the running maxima at work), with or without
-    rotary angles, against the float64 torch path (itself checked against the step-by-step reference to 1e-12 in the tests: the
-    reference keeps every position's region, quadratic memory at these sizes)."""
+    rotary angles, against the float64 torch path (itself checked against the step-by-step reference to 1e-12 in
+    the tests: the reference keeps every position's region, quadratic memory at these sizes)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, *sizes, heads, dim)
     q, k, v = (torch.randn(*shape, generator=gen, dtype=torch.float64).cuda() for _ in range(3))
@@ -94,7 +94,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dims", default="1,2", help="comma-separated grid dimensionalities")
     parser.add_argument("--ops", default="grid_scan,lightnet,lightnet_box,lightnet_global",
-                        help="grid_scan, lightnet (causal mode, with and without angles), lightnet_box (box mode, 2D grids), lightnet_global")
+                        help="grid_scan, lightnet (causal mode, with and without angles), lightnet_box (box mode, "
+                             "2D grids), lightnet_global")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float64 reference must not pass through tf32
     kernels.POISON = True
@@ -102,7 +103,7 @@ def main():
     print(f"{'op':>16}{'grid':>8}{'B':>4}{'dtype':>10}{'y':>10}{'worst grad':>12}{'(which)':>12}{'bound':>8}  ok")
     rows = []
     # box mode: logits spread 8 take the tiled products, spread 30 (over 60 from the first position) the sweeps
-    # causal mode with and without angles: without, the gradient kernel also summarises for the prefix backward
+    # causal mode with rotary angles (the models' use) and without (the benchmarks')
     checks = {"grid_scan": check, "lightnet": lambda *a: check_lightnet(*a) + check_lightnet(*a, rotary=False),
               "lightnet_box": lambda *a: check_lightnet(*a, mode="box") + check_lightnet(*a, mode="box", spread=30.0),
               "lightnet_global": lambda *a: check_lightnet(*a, mode="global")}

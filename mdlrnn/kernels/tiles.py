@@ -445,7 +445,8 @@ def _readout_blocks(q: torch.Tensor, has_border: bool) -> tuple[int, int]:
     states, so blocks of 128 queries read them half as often (forward 2.0 -> 1.5 ms at 64x64 B=8, bf16, H200);
     one-tile grids have none and keep more, smaller programs (14x14 B=64: 0.4 ms at 64, 0.8 at 128). With half
     inputs and Dk <= 64 blocks of 128 take 160 KiB of shared memory compiled for an A100 (which has 163) and 176
-    for Hopper (227); float32 inputs would take 225 KiB, too close to Hopper's limit."""
+    for Hopper (227) with Triton's default three pipeline stages (less with the one of `_stages`); float32 inputs
+    would take 225 KiB, too close to Hopper's limit."""
     fits = q.element_size() == 2 and q.shape[-1] <= 64 and shared_memory(q.device) >= 160 * 1024
     return (128, 8) if fits and has_border else (BLOCK_P, 4)
 
