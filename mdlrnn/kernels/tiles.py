@@ -436,7 +436,7 @@ def _stages(size: int) -> int:
     staged in shared memory) up to 16 x 16, Triton's default three above. H200, bf16, per f+b: 14x14 B=64 the
     three read-out kernels 119 -> 94 us; 64x64 B=8 read-out, queries and exits' adjoint 1797 -> 1667 us (sources
     97 -> 100; the states' sums lose with one stage, 688 -> 846, and keep three); one 32x32 tile loses (447 ->
-    480)."""
+    480). Measured on 2D grids; the 3D tile path's read-out and exits take the same rule (same bits either way)."""
     return 1 if size <= 256 else 3
 
 
