@@ -43,6 +43,9 @@ from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
+ROW_STAGES = 1  # pipeline stages of the output and gradient kernels: their short loops over a chunk's blocks gain
+# nothing from loads staged in shared memory (64x64 B=8 on the H200: gradient 210 -> 200 us, output 83 -> 74 us
+# against Triton's default 3; 4 stages 217 and 92)
 MAX_DK = 128  # channels (2 Dk with rotary angles) and values one program holds
 MAX_DV = 128
 CHUNK = 64  # positions per chunk: states stored per chunk, and the sequential passes take one step per chunk
@@ -461,9 +464,7 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 def _warps(channels: int, values: int, most: int) -> int:
     """Warps of the output and gradient kernels: their 16-row products run fastest on two warps (64x64 B=8 on the
     H200: gradient 386 -> 209 us, output 102 -> 84 us against 8 and 4 warps), while the float32 states of more
-    than 64 x 64 take `most` (two warps would hold 128 x 128 floats in 256 registers a thread). Both kernels
-    launch with one pipeline stage: their short loops gain nothing from loads staged in shared memory (gradient
-    210 -> 200 us, output 83 -> 74 us against the default 3; 4 stages 217 and 92)."""
+    than 64 x 64 take `most` (two warps would hold 128 x 128 floats in 256 registers a thread)."""
     return 2 if _block(channels) * _block(values) <= 64 * 64 else most
 
 
@@ -557,7 +558,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional
         _output_kernel[(cdiv(length, SUB), batch * heads)](
             q_in, k_in, m_in, v, states, y, *_strides(v), length, heads, q_in.shape[-1], dv, states.shape[1],
             BC=chunk, SUB=SUB, BK=_block(q_in.shape[-1]), BV=_block(dv), PRECISION=precision,
-            num_warps=_warps(q_in.shape[-1], dv, most=4), num_stages=1)
+            num_warps=_warps(q_in.shape[-1], dv, most=4), num_stages=ROW_STAGES)
     return y, qp, kp, m, z, states
 
 
@@ -591,7 +592,7 @@ def _backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tens
         _gradient_kernel[(cdiv(length, SUB), batch * heads)](
             q_in, k_in, m_in, v, dy, states, adjoints, *grads, *_strides(v), *_strides(dy), length, heads, channels,
             dv, states.shape[1], BC=chunk, SUB=SUB, BK=_block(channels), BV=_block(dv), PRECISION=precision,
-            num_warps=_warps(channels, dv, most=8), num_stages=1)
+            num_warps=_warps(channels, dv, most=8), num_stages=ROW_STAGES)
         dqp, dkp, d_v = grads
         d_angles = v.new_empty(0, dtype=torch.float32)
         if angles is not None:  # d/da of x' [cos a, sin a] . [g_cos, g_sin] = x' (g_sin cos a - g_cos sin a)
