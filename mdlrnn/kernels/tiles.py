@@ -183,25 +183,31 @@ def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, SLOT, q_b, q_h, q_p, k_b,
 
 @triton.jit
 def _outer_sums_kernel(A, B, WT, OUT, SLOT, a_b, a_h, a_p, b_b, b_h, b_p, w_r, w_e, w_s, NT, NO, NB, NH, P, E, DA, DB,
-                       BS: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, PRECISION: tl.constexpr):
-    """OUT[r, e] = sum_s WT[r, e, s] a_s b_s^T (DA x DB, float32) for one e and a block of DB: the states leaving a
-    tile (a = k, b = v, WT = X) and the adjoint of those entering it (a = q, b = dy, WT = W's border columns)."""
+                       BS: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr, G: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """OUT[r, e] = sum_s WT[r, e, s] a_s b_s^T (DA x DB, float32) for G edges e and a block of DB: the states leaving
+    a tile (a = k, b = v, WT = X) and the adjoint of those entering it (a = q, b = dy, WT = W's border columns).
+    One product per block of sources: the G weighted copies of a^T stacked into (G DA) rows against b, so that a
+    and b are read once for G edges."""
     r = tl.program_id(0).to(tl.int64)
     t, o, bt, h = _row(r, NO, NB, NH)
-    e = tl.program_id(1)
+    es = tl.program_id(1) * G + tl.arange(0, G)
     das = tl.arange(0, BA)
     dbs = tl.program_id(2) * BB + tl.arange(0, BB)
-    da_ok, db_ok = das < DA, dbs < DB
-    acc = tl.zeros((BA, BB), dtype=tl.float32)
+    e_ok, da_ok, db_ok = es < E, das < DA, dbs < DB
+    acc = tl.zeros((G * BA, BB), dtype=tl.float32)
     for start in range(0, P, BS):
         cols = start + tl.arange(0, BS)
         col_ok = cols < P
         pos, real = _slots(SLOT, t, o, NT, P, cols, col_ok)
         a = _block_of(A, bt * a_b + h * a_h, pos, a_p, real, das, da_ok)
         b = _block_of(B, bt * b_b + h * b_h, pos, b_p, real, dbs, db_ok).to(a.dtype)
-        w = tl.load(WT + r * w_r + e * w_e + cols * w_s, mask=col_ok, other=0.0)
-        acc = tl.dot(tl.trans((a * w[:, None]).to(a.dtype)), b, acc, input_precision=PRECISION)
-    tl.store(OUT + ((r * E + e) * DA + das[:, None]) * DB + dbs[None, :], acc, mask=da_ok[:, None] & db_ok[None, :])
+        w = tl.load(WT + r * w_r + es[:, None] * w_e + cols[None, :] * w_s, mask=e_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        stacked = tl.reshape(tl.trans(a)[None, :, :] * w[:, None, :], (G * BA, BS))  # row g BA + c: a[:, c] w_g
+        acc = tl.dot(stacked.to(a.dtype), b, acc, input_precision=PRECISION)
+    out = OUT + ((r * E + es[:, None, None]) * DA + das[None, :, None]) * DB + dbs[None, None, :]
+    tl.store(out, tl.reshape(acc, (G, BA, BB)), mask=e_ok[:, None, None] & da_ok[None, :, None] & db_ok[None, None, :])
 
 
 @triton.jit
@@ -429,6 +435,8 @@ def _gate_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 BLOCK_P = 64  # query and source blocks of the kernels other than the forward read-out
+OUTER_EDGES = 4  # border edges per program of the state sums (their sources read once for all of them)
+OUTER_WARPS = 8  # the state sums' accumulator: OUTER_EDGES x Dk x Dv float32
 
 
 def _stages(size: int) -> int:
@@ -490,10 +498,11 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
             *rows.args(), rows.positions, size, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
             HAS_BORDER=entering is not None, **common)
         if entering is not None:
-            _outer_sums_kernel[(rows.count, border, cdiv(dv, bv))](  # dC_j = sum_p W[p, P + j] q_p dy_p^T
+            # dC_j = sum_p W[p, P + j] q_p dy_p^T
+            _outer_sums_kernel[(rows.count, cdiv(border, OUTER_EDGES), cdiv(dv, bv))](
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
-                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv,
-                PRECISION=_precision(q))
+                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=OUTER_EDGES,
+                PRECISION=_precision(q), num_warps=OUTER_WARPS)
     return dq, dk_, dv_, d_weights, d_entering
 
 
@@ -504,9 +513,10 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     u = empty(rows.count, border, dk, dv, device=k.device)
     bv = min(64, _block(dv))
     with on_device(k.device):
-        _outer_sums_kernel[(rows.count, border, cdiv(dv, bv))](
+        _outer_sums_kernel[(rows.count, cdiv(border, OUTER_EDGES), cdiv(dv, bv))](
             k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
-            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, PRECISION=_precision(k))
+            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=OUTER_EDGES, PRECISION=_precision(k),
+            num_warps=OUTER_WARPS)
     return u
 
 
