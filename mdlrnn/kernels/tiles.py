@@ -436,7 +436,13 @@ def _gate_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
 
 BLOCK_P = 64  # query and source blocks of the kernels other than the forward read-out
 OUTER_EDGES = 4  # border edges per program of the state sums (their sources read once for all of them)
-OUTER_WARPS = 8  # the state sums' accumulator: OUTER_EDGES x Dk x Dv float32
+OUTER_WARPS = 8  # the state sums' accumulator: edges x Dk x Dv float32
+
+
+def _outer_edges(dk: int) -> int:
+    """Border edges per program of the state sums: at most 256 stacked rows (edges x Dk), whose operand and
+    accumulator fit an A100's shared memory and Hopper's registers (4 x 128 rows took 178 KiB for float32)."""
+    return max(1, min(OUTER_EDGES, 256 // _block(dk)))
 
 
 def _stages(size: int) -> int:
@@ -499,9 +505,9 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
             HAS_BORDER=entering is not None, **common)
         if entering is not None:
             # dC_j = sum_p W[p, P + j] q_p dy_p^T
-            _outer_sums_kernel[(rows.count, cdiv(border, OUTER_EDGES), cdiv(dv, bv))](
+            _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(dk)), cdiv(dv, bv))](
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
-                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=OUTER_EDGES,
+                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(dk),
                 PRECISION=_precision(q), num_warps=OUTER_WARPS)
     return dq, dk_, dv_, d_weights, d_entering
 
@@ -513,9 +519,9 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     u = empty(rows.count, border, dk, dv, device=k.device)
     bv = min(64, _block(dv))
     with on_device(k.device):
-        _outer_sums_kernel[(rows.count, cdiv(border, OUTER_EDGES), cdiv(dv, bv))](
+        _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(dk)), cdiv(dv, bv))](
             k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
-            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=OUTER_EDGES, PRECISION=_precision(k),
+            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(dk), PRECISION=_precision(k),
             num_warps=OUTER_WARPS)
     return u
 
