@@ -22,10 +22,10 @@ what enters each block is joined from those, so that no program walks the whole 
   sequential pass per state block, four chunks' loads at a time ahead of the carry: the state
   entering each chunk, h_c = sum_{s < c CHUNK} k'_s e^{m_s - m_{c CHUNK - 1}} v_s^T; in reverse the adjoint of the
   state leaving each chunk, from q' and dy).
-- `_output_kernel`: 16 rows of y: the entering state, the chunk's earlier blocks as tensor-core products split
+- `_output_kernel`: SUB rows of y: the entering state, the chunk's earlier blocks as tensor-core products split
   at their last row, and the block itself: one product split at its first row while the maxima rise by less
   than SPREAD inside it, else one key row at a time.
-- `_gradient_kernel`: 16 rows of dq', dk' and dv: the entering state and earlier blocks for dq', the leaving
+- `_gradient_kernel`: SUB rows of dq', dk' and dv: the entering state and earlier blocks for dq', the leaving
   adjoint state and later blocks for dk' and dv, the block itself for all three.
 Rotary angles double the channels: [q' cos, q' sin] and [k' cos, k' sin], since
 cos(a_p - a_s) = cos a_p cos a_s + sin a_p sin a_s.
@@ -42,10 +42,11 @@ import triton.language as tl
 from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
-SUB = 16  # rows per block of the output and gradient kernels: the smallest tensor-core product
+SUB = 32  # rows per block of the output and gradient kernels (64x64 B=8 on the H200, against 16 rows: output 74 ->
+# 62 us, gradient 200 -> 177; with rotary angles 151 -> 116 and 615 -> 414; 64 rows: gradient 215)
 ROW_STAGES = 1  # pipeline stages of the output and gradient kernels: their short loops over a chunk's blocks gain
-# nothing from loads staged in shared memory (64x64 B=8 on the H200: gradient 210 -> 200 us, output 83 -> 74 us
-# against Triton's default 3; 4 stages 217 and 92)
+# nothing from loads staged in shared memory (16-row blocks, 64x64 B=8 on the H200: gradient 210 -> 200 us, output
+# 83 -> 74 us against Triton's default 3; 4 stages 217 and 92)
 MAX_DK = 128  # channels (2 Dk with rotary angles) and values one program holds
 MAX_DV = 128
 CHUNK = 64  # positions per chunk: states stored per chunk, and the sequential passes take one step per chunk
@@ -461,11 +462,12 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _warps(channels: int, values: int, most: int) -> int:
-    """Warps of the output and gradient kernels: their 16-row products run fastest on two warps (64x64 B=8 on the
-    H200: gradient 386 -> 209 us, output 102 -> 84 us against 8 and 4 warps), while the float32 states of more
-    than 64 x 64 take `most` (two warps would hold 128 x 128 floats in 256 registers a thread)."""
-    return 2 if _block(channels) * _block(values) <= 64 * 64 else most
+def _warps(channels: int, values: int, small: int, large: int) -> int:
+    """Warps of the output and gradient kernels: `small` for float32 states of at most 64 x 64, `large` above
+    (few warps would hold 128 x 128 floats in 256 registers a thread). Measured with 32-row blocks, 64x64 B=8 on
+    the H200: output 62 us on 2 warps, 64 on 4, 89 on 8; gradient 177 on 4, 252 on 2 or 8; with rotary angles
+    (128 x 64 states) output 116 on 4, 144 on 2, gradient 414 on 4 or 8."""
+    return small if _block(channels) * _block(values) <= 64 * 64 else large
 
 
 def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Tensor:
@@ -558,7 +560,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional
         _output_kernel[(cdiv(length, SUB), batch * heads)](
             q_in, k_in, m_in, v, states, y, *_strides(v), length, heads, q_in.shape[-1], dv, states.shape[1],
             BC=chunk, SUB=SUB, BK=_block(q_in.shape[-1]), BV=_block(dv), PRECISION=precision,
-            num_warps=_warps(q_in.shape[-1], dv, most=4), num_stages=ROW_STAGES)
+            num_warps=_warps(q_in.shape[-1], dv, small=2, large=4), num_stages=ROW_STAGES)
     return y, qp, kp, m, z, states
 
 
@@ -592,7 +594,7 @@ def _backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tens
         _gradient_kernel[(cdiv(length, SUB), batch * heads)](
             q_in, k_in, m_in, v, dy, states, adjoints, *grads, *_strides(v), *_strides(dy), length, heads, channels,
             dv, states.shape[1], BC=chunk, SUB=SUB, BK=_block(channels), BV=_block(dv), PRECISION=precision,
-            num_warps=_warps(channels, dv, most=8), num_stages=ROW_STAGES)
+            num_warps=_warps(channels, dv, small=4, large=8), num_stages=ROW_STAGES)
         dqp, dkp, d_v = grads
         d_angles = v.new_empty(0, dtype=torch.float32)
         if angles is not None:  # d/da of x' [cos a, sin a] . [g_cos, g_sin] = x' (g_sin cos a - g_cos sin a)
