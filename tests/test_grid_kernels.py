@@ -266,6 +266,42 @@ def test_tile_readout_half_inputs_in_blocks_of_128(generator, device):
     assert relative_error(y, expected) < 1e-2
 
 
+def test_border_adjoints_half_inputs_in_blocks_of_128(generator, device):
+    """The queries' adjoint and the exits' adjoint with half inputs take blocks of 128 where border states enter or
+    leave (where shared memory allows): every gradient of the read-out and of the exit states against autograd
+    of their formulas in float64 on 156 positions (a full and a partial block). float16: see above."""
+    from mdlrnn.kernels import tiles
+
+    rows, size, border, dk, dv = 2, 156, 25, 8, 12
+    f64 = dict(generator=generator, dtype=torch.float64)
+    q, k, v = (torch.randn(rows, size, d, **f64).half().double().requires_grad_() for d in (dk, dk, dv))
+    weights = torch.randn(rows, size, size + border, **f64)
+    weights[..., :size] = weights[..., :size].tril()
+    weights.requires_grad_()
+    entering = torch.randn(rows, border, dk, dv, **f64, requires_grad=True)
+    exits = torch.randn(rows, border, size + border, **f64, requires_grad=True)
+    dy, du = torch.randn(rows, size, dv, **f64), torch.randn(rows, border, dk, dv, **f64)
+    half = [x.detach().to(device, torch.float16) for x in (q, k, v)]
+    if tiles._border_blocks(half[0], half[2]) != (128, 8):
+        pytest.skip("this GPU's shared memory takes the adjoints' blocks of 64")
+    f32 = lambda x: x.detach().to(device, torch.float32)
+
+    y = (q @ k.mT * weights[..., :size]) @ v + torch.einsum("rpj,rpk,rjkv->rpv", weights[..., size:], q, entering)
+    expected = list(torch.autograd.grad(y, (q, k, v, weights, entering), dy))
+    got = tiles.tile_readout_backward(*half, f32(weights), f32(entering), f32(dy))
+    defined = torch.ones(size, size + border, dtype=torch.bool).tril()  # W above the diagonal is zero, its
+    defined[:, size:] = True  # gradient unused (the kernels' tile blocks compute some of it)
+    got[3], expected[3] = got[3].cpu()[:, defined], expected[3][:, defined]
+    for name, g, e in zip(("q", "k", "v", "weights", "entering"), got, expected):
+        assert relative_error(g, e) < 1e-2, name
+
+    u = torch.einsum("res,rsk,rsv->rekv", exits[..., :size], k, v)
+    expected = torch.autograd.grad(u, (k, v, exits), du)
+    got = tiles.tile_exits_backward(half[1], half[2], f32(exits), f32(du))
+    for name, g, e in zip(("k", "v", "exits"), got, expected):
+        assert relative_error(g, e) < 1e-2, name
+
+
 def test_plstm1d_layer_compiles_without_graph_breaks(device):
     """A whole pLSTM layer (two orientations, projections, gates) on the 1D kernels, under fullgraph compile."""
     from mdlrnn.layers import PLSTM1D

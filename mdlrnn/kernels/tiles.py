@@ -434,7 +434,7 @@ def _gate_strides(x: torch.Tensor) -> tuple[int, int, int, int]:
     return x.stride(2), x.stride(0), x.stride(3), x.stride(1)
 
 
-BLOCK_P = 64  # query and source blocks of the kernels other than the forward read-out
+BLOCK_P = 64  # query and source blocks of the tile kernels (some take 128 where border states enter)
 # Border edges per program of the state sums (their sources read once for all of them), with Triton's four warps:
 # 689 -> 522 us at 64x64 B=8 on an H200; two edges 627, eight warps 751, eight edges of 64 rows 1,930 (spills).
 OUTER_EDGES = 4
@@ -464,6 +464,16 @@ def _readout_blocks(q: torch.Tensor, has_border: bool) -> tuple[int, int]:
     would take 225 KiB, too close to Hopper's limit."""
     fits = q.element_size() == 2 and q.shape[-1] <= 64 and shared_memory(q.device) >= 160 * 1024
     return (128, 8) if fits and has_border else (BLOCK_P, 4)
+
+
+def _border_blocks(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
+    """(block, warps) of the queries' adjoint and the exits' adjoint where border states enter or leave: each of
+    their programs reads all of its tile's border states (Dk x Dv float32 each), so blocks of 128 queries or
+    sources read them half as often. 64x64 B=8, bf16, on the H200: queries' adjoint 687 -> 561 us, exits' adjoint
+    630 -> 476 (821 on four warps), the same bits. Measured for half inputs with Dk, Dv <= 64 (97 KiB of shared
+    memory compiled for an A100 or Hopper); others keep blocks of BLOCK_P."""
+    fits = q.element_size() == 2 and max(q.shape[-1], v.shape[-1]) <= 64 and shared_memory(q.device) >= 100 * 1024
+    return (128, 8) if fits else (BLOCK_P, 4)
 
 
 def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch.Tensor:
@@ -500,10 +510,11 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
         _readout_sources_kernel[(rows.count, blocks)](
             q, k, v, weights, dy, dk_, dv_, d_weights, rows.slots, *qkv, *rows.args(), rows.positions, size, width,
             dk, dv, BP=BLOCK_P, BS=BLOCK_P, **common)
-        _readout_queries_kernel[(rows.count, blocks)](
+        queries, warps = _border_blocks(q, v) if entering is not None else (BLOCK_P, 4)
+        _readout_queries_kernel[(rows.count, cdiv(size, queries))](
             q, k, v, weights, entering if entering is not None else weights, dy, dq, d_weights, rows.slots, *qkv,
-            *rows.args(), rows.positions, size, border, width, dk, dv, BP=BLOCK_P, BS=BLOCK_P,
-            HAS_BORDER=entering is not None, **common)
+            *rows.args(), rows.positions, size, border, width, dk, dv, BP=queries, BS=BLOCK_P,
+            HAS_BORDER=entering is not None, num_warps=warps, **common)
         if entering is not None:
             # dC_j = sum_p W[p, P + j] q_p dy_p^T
             _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(dk)), cdiv(dv, bv))](
@@ -530,11 +541,13 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
     """Writes dX into d_exits' first P_t columns and dk, dv (B, N, O, H, D) float32, added to their values when
     `accumulate`. du: (R, E, Dk, Dv) float32 contiguous."""
     border, width = exits.shape[1], exits.shape[-1]
+    sources, warps = _border_blocks(k, v)
     with on_device(k.device):
-        _exits_backward_kernel[(rows.count, cdiv(rows.size, BLOCK_P))](
+        _exits_backward_kernel[(rows.count, cdiv(rows.size, sources))](
             k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args(),
-            rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=BLOCK_P, BK=_block(k.shape[-1]),
-            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k), num_stages=_stages(rows.size))
+            rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=sources, BK=_block(k.shape[-1]),
+            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k), num_warps=warps,
+            num_stages=_stages(rows.size))
 
 
 @device_tables
