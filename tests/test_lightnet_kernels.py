@@ -21,12 +21,25 @@ def compare(shape, dv, generator, device, *, mode="causal", **options):
     return lightnet_errors(shape, dv, generator, device, mode=mode, **options)
 
 
-@pytest.mark.parametrize("length", [1, 2, 15, 16, 17, 64, 65, 150], ids=lambda n: f"L{n}")
-def test_float32_matches_reference(length, generator, device, monkeypatch):
-    """Chunks of 32 (so that 150 positions cross four chunk edges) and blocks of 16, lengths on and off both."""
-    monkeypatch.setattr(kernel, "CHUNK", 32)
+@pytest.mark.parametrize("rows", [16, 32], ids=lambda n: f"rows{n}")
+@pytest.mark.parametrize("length", [1, 2, 15, 17, 31, 33, 64, 65, 150], ids=lambda n: f"L{n}")
+def test_float32_matches_reference(length, rows, generator, device, monkeypatch):
+    """Chunks of 64 (150 positions cross two chunk edges) in blocks of 16 or 32 rows (two or four a chunk, so that
+    the output and gradient kernels walk earlier and later blocks), lengths on and off both."""
+    monkeypatch.setattr(kernel, "SUB", rows)
     errors = compare((2, length, 2, 8), 5, generator, device)
     assert max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("chunk", [16, 32], ids=lambda n: f"chunk{n}")
+def test_blocks_never_cross_chunks(chunk, generator, device, monkeypatch):
+    """Chunks as short as a block or shorter than SUB: blocks shrink to the chunk (gradients of k and v went wrong
+    when a block of 32 rows spanned two chunks of 16); a chunk that is not a power of two is refused."""
+    monkeypatch.setattr(kernel, "CHUNK", chunk)
+    errors = compare((2, 70, 2, 8), 5, generator, device)
+    assert max(errors.values()) < 1e-5, errors
+    with pytest.raises(ValueError, match="chunk: expected a power of two"):
+        kernel._block_rows(8, 5, 24)
 
 
 @pytest.mark.parametrize("blocks,tile", [(1, 64), (3, 2), (64, 4)], ids=lambda n: str(n))

@@ -43,7 +43,7 @@ from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 32  # rows per block of the output and gradient kernels (64x64 B=8 on the H200, against 16 rows: output 74 ->
-# 62 us, gradient 200 -> 177; with rotary angles 151 -> 116 and 615 -> 414; 64 rows: gradient 215)
+# 62 us, gradient 200 -> 177; with rotary angles 151 -> 116 and 615 -> 414; 64 rows: gradient 215): see _block_rows
 ROW_STAGES = 1  # pipeline stages of the output and gradient kernels: their short loops over a chunk's blocks gain
 # nothing from loads staged in shared memory (16-row blocks, 64x64 B=8 on the H200: gradient 210 -> 200 us, output
 # 83 -> 74 us against Triton's default 3; 4 stages 217 and 92)
@@ -470,6 +470,15 @@ def _warps(channels: int, values: int, small: int, large: int) -> int:
     return small if _block(channels) * _block(values) <= 64 * 64 else large
 
 
+def _block_rows(channels: int, values: int, chunk: int) -> int:
+    """Rows per block of the output and gradient kernels: SUB for states of up to 128 x 64, 16 above (not
+    measured there; with 32 rows the gradient kernel's 128 x 128 float32 states took 112 KiB of shared memory
+    compiled for sm_86, whose limit is 99), never more than a chunk: a block must not cross a chunk's border."""
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk: expected a power of two of at least 16, got {chunk}")
+    return min(SUB if _block(channels) * _block(values) <= 128 * 64 else 16, chunk)
+
+
 def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Tensor:
     """The state entering (forward) or the adjoint leaving (reverse) every chunk: (B H, NC, Dk, Dv) float32."""
     batch, length, heads, dk = a.shape
@@ -557,9 +566,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, angles: Optional
         qp, kp, m, z = _prefix(q, k, scale)
         q_in, k_in, m_in = _rotate(qp, kp, m, angles)
         states = _state_pass(k_in, m_in, v, chunk, False, precision)
-        _output_kernel[(cdiv(length, SUB), batch * heads)](
+        rows = _block_rows(q_in.shape[-1], dv, chunk)
+        _output_kernel[(cdiv(length, rows), batch * heads)](
             q_in, k_in, m_in, v, states, y, *_strides(v), length, heads, q_in.shape[-1], dv, states.shape[1],
-            BC=chunk, SUB=SUB, BK=_block(q_in.shape[-1]), BV=_block(dv), PRECISION=precision,
+            BC=chunk, SUB=rows, BK=_block(q_in.shape[-1]), BV=_block(dv), PRECISION=precision,
             num_warps=_warps(q_in.shape[-1], dv, small=2, large=4), num_stages=ROW_STAGES)
     return y, qp, kp, m, z, states
 
@@ -591,9 +601,10 @@ def _backward(qp: torch.Tensor, kp: torch.Tensor, m: torch.Tensor, z: torch.Tens
     grads.append(empty(batch, length, heads, dv, device=v.device, dtype=v.dtype))
     with on_device(v.device):
         adjoints = _state_pass(q_in, m_in, dy, chunk, True, precision)
-        _gradient_kernel[(cdiv(length, SUB), batch * heads)](
+        rows = _block_rows(channels, dv, chunk)
+        _gradient_kernel[(cdiv(length, rows), batch * heads)](
             q_in, k_in, m_in, v, dy, states, adjoints, *grads, *_strides(v), *_strides(dy), length, heads, channels,
-            dv, states.shape[1], BC=chunk, SUB=SUB, BK=_block(channels), BV=_block(dv), PRECISION=precision,
+            dv, states.shape[1], BC=chunk, SUB=rows, BK=_block(channels), BV=_block(dv), PRECISION=precision,
             num_warps=_warps(channels, dv, small=4, large=8), num_stages=ROW_STAGES)
         dqp, dkp, d_v = grads
         d_angles = v.new_empty(0, dtype=torch.float32)
