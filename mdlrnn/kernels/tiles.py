@@ -440,10 +440,12 @@ BLOCK_P = 64  # query and source blocks of the tile kernels (some take 128 where
 OUTER_EDGES = 4
 
 
-def _outer_edges(dk: int) -> int:
-    """Border edges per program of the state sums: at most 256 stacked rows (edges x Dk), whose operand and
-    accumulator fit an A100's shared memory and Hopper's registers (4 x 128 rows took 178 KiB for float32)."""
-    return max(1, min(OUTER_EDGES, 256 // _block(dk)))
+def _outer_edges(a: torch.Tensor) -> int:
+    """Border edges per program of the state sums over operand a (k or q): for half inputs (measured) at most 256
+    stacked rows, edges x Dk (32 KiB of shared memory compiled for sm_86; the accumulator spills a little on
+    Hopper and was still faster); one for float32 inputs, whose stacked operand would take up to 113 KiB, more
+    than consumer GPUs' 99."""
+    return max(1, min(OUTER_EDGES, 256 // _block(a.shape[-1]))) if a.element_size() == 2 else 1
 
 
 def _stages(size: int) -> int:
@@ -517,9 +519,9 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
             HAS_BORDER=entering is not None, num_warps=warps, **common)
         if entering is not None:
             # dC_j = sum_p W[p, P + j] q_p dy_p^T
-            _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(dk)), cdiv(dv, bv))](
+            _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(q)), cdiv(dv, bv))](
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
-                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(dk),
+                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(q),
                 PRECISION=_precision(q))
     return dq, dk_, dv_, d_weights, d_entering
 
@@ -531,9 +533,9 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     u = empty(rows.count, border, dk, dv, device=k.device)
     bv = min(64, _block(dv))
     with on_device(k.device):
-        _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(dk)), cdiv(dv, bv))](
+        _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(k)), cdiv(dv, bv))](
             k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
-            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(dk), PRECISION=_precision(k))
+            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(k), PRECISION=_precision(k))
     return u
 
 
