@@ -31,6 +31,17 @@ def test_float32_matches_reference(length, rows, generator, device, monkeypatch)
     assert max(errors.values()) < 1e-5, errors
 
 
+def test_states_beyond_shared_memory_are_refused(generator, device, monkeypatch):
+    """With half inputs, states above 128 x 64 take 128 KiB of the gradient kernel's shared memory: on a GPU with
+    less (99 KiB, monkeypatched) backend='triton' says so instead of failing to launch; float32 inputs and states
+    of 128 x 64 fit."""
+    monkeypatch.setattr(kernel, "shared_memory", lambda device: 99 * 1024)
+    q, k, v = (torch.randn(1, 20, 2, 128, generator=generator).to(device, torch.float16) for _ in range(3))
+    with pytest.raises(ValueError, match="shared memory per block"):
+        lightnet_scan(q, k, v, mode="causal", backend="triton")
+    assert kernel.fits_shared_memory(128, 64, 2, q.device) and kernel.fits_shared_memory(128, 128, 4, q.device)
+
+
 @pytest.mark.parametrize("chunk", [16, 32], ids=lambda n: f"chunk{n}")
 def test_blocks_never_cross_chunks(chunk, generator, device, monkeypatch):
     """Chunks as short as a block or shorter than SUB: blocks shrink to the chunk (gradients of k and v went wrong

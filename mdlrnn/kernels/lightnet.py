@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
+from . import (cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run, shared_memory,
+               unit_last_stride)
 
 SPREAD = tl.constexpr(60.0)  # how far the maxima may rise inside a block for its scores to be one product (e^60 ~ 1e26)
 SUB = 32  # rows per block of the output and gradient kernels (64x64 B=8 on the H200, against 16 rows: output 74 ->
@@ -477,6 +478,13 @@ def _block_rows(channels: int, values: int, chunk: int) -> int:
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk: expected a power of two of at least 16, got {chunk}")
     return min(SUB if _block(channels) * _block(values) <= 128 * 64 else 16, chunk)
+
+
+def fits_shared_memory(channels: int, values: int, element_size: int, device: torch.device) -> bool:
+    """Whether the gradient kernel fits `device`'s shared memory: with half inputs and states above 128 x 64
+    (channels x values) it takes 128 KiB (compiled for sm_86), more than the 99 KiB of consumer GPUs; A100 and
+    Hopper have 163 and 227."""
+    return element_size == 4 or _block(channels) * _block(values) <= 128 * 64 or shared_memory(device) >= 128 * 1024
 
 
 def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Tensor:

@@ -78,22 +78,25 @@ def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int
 
     if mode == "global" and backend == "auto":  # the fused reduction: no faster than torch's matmuls (RESULTS.md)
         return False
-    fits = values <= MAX_DV and (_causal_fits(mode, q, channels) or (
+    fits = values <= MAX_DV and (_causal_fits(mode, q, channels, values) or (
         (mode == "global" or (mode == "box" and q.dim() == 5)) and q.shape[-1] <= MAX_DK))
     unfit = None if fits else (
         f"runs causal mode (and box mode on 1D grids) with up to {MAX_DK} key channels per head (Dk, or 2 Dk with "
-        f"angles), global mode and box mode on 2D grids with Dk up to {MAX_DK}, and up to {MAX_DV} values; got "
-        f"mode={mode!r} on {q.dim() - 3} axes, Dk={q.shape[-1]}, {channels} channels and {values} values")
+        f"angles; with half inputs on GPUs of less than 128 KiB of shared memory per block, channels x values up "
+        f"to 128 x 64), global mode and box mode on 2D grids with Dk up to {MAX_DK}, and up to {MAX_DV} values; "
+        f"got mode={mode!r} on {q.dim() - 3} axes, Dk={q.shape[-1]}, {channels} channels, {values} values and "
+        f"{q.dtype} inputs")
     return kernels.choose(op, backend, q.device, dtype, unfit)
 
 
-def _causal_fits(mode: str, q: torch.Tensor, channels: int) -> bool:
+def _causal_fits(mode: str, q: torch.Tensor, channels: int, values: int) -> bool:
     """Whether the causal kernels take it: causal mode, or box mode with at most one axis longer than 1 (causal
-    mode on the flattened sequence), with up to 128 channels (2 Dk with angles)."""
-    from ...kernels.lightnet import MAX_DK
+    mode on the flattened sequence), with up to 128 channels (2 Dk with angles), in the device's shared memory."""
+    from ...kernels.lightnet import MAX_DK, fits_shared_memory
 
     along_one_axis = sum(size > 1 for size in q.shape[1:-2]) <= 1
-    return (mode == "causal" or (mode == "box" and along_one_axis)) and channels <= MAX_DK
+    return ((mode == "causal" or (mode == "box" and along_one_axis)) and channels <= MAX_DK
+            and fits_shared_memory(channels, values, q.element_size(), q.device))
 
 
 def _on_triton(q, k, v, mode: str, scale: float, angles, channels: int):
@@ -105,7 +108,7 @@ def _on_triton(q, k, v, mode: str, scale: float, angles, channels: int):
             from ...kernels.lightnet_global import lightnet_global_triton
 
             return lightnet_global_triton(q, k, v, scale, angles, precision=precision).to(v.dtype)
-        if not _causal_fits(mode, q, channels):
+        if not _causal_fits(mode, q, channels, v.shape[-1]):
             from ...kernels.lightnet_box import lightnet_box_triton
 
             return lightnet_box_triton(q, k, v, scale, angles).to(v.dtype)
