@@ -471,20 +471,26 @@ def _warps(channels: int, values: int, small: int, large: int) -> int:
     return small if _block(channels) * _block(values) <= 64 * 64 else large
 
 
+def _large_states(channels: int, values: int) -> bool:
+    """States above 128 x 64 (channels x values): they take 16-row blocks (_block_rows) and, with half inputs, 128
+    KiB of the gradient kernel's shared memory (fits_shared_memory)."""
+    return _block(channels) * _block(values) > 128 * 64
+
+
 def _block_rows(channels: int, values: int, chunk: int) -> int:
     """Rows per block of the output and gradient kernels: SUB for states of up to 128 x 64, 16 above (not
     measured there; with 32 rows the gradient kernel's 128 x 128 float32 states took 112 KiB of shared memory
     compiled for sm_86, whose limit is 99), never more than a chunk: a block must not cross a chunk's border."""
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk: expected a power of two of at least 16, got {chunk}")
-    return min(SUB if _block(channels) * _block(values) <= 128 * 64 else 16, chunk)
+    return min(16 if _large_states(channels, values) else SUB, chunk)
 
 
 def fits_shared_memory(channels: int, values: int, element_size: int, device: torch.device) -> bool:
     """Whether the gradient kernel fits `device`'s shared memory: with half inputs and states above 128 x 64
     (channels x values) it takes 128 KiB (compiled for sm_86), more than the 99 KiB of consumer GPUs; A100 and
     Hopper have 163 and 227."""
-    return element_size == 4 or _block(channels) * _block(values) <= 128 * 64 or shared_memory(device) >= 128 * 1024
+    return element_size == 4 or not _large_states(channels, values) or shared_memory(device) >= 128 * 1024
 
 
 def _state_pass(a, m, x, chunk: int, reverse: bool, precision: str) -> torch.Tensor:

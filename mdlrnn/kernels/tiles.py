@@ -518,10 +518,10 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
             *rows.args(), rows.positions, size, border, width, dk, dv, BP=queries, BS=BLOCK_P,
             HAS_BORDER=entering is not None, num_warps=warps, **common)
         if entering is not None:
-            # dC_j = sum_p W[p, P + j] q_p dy_p^T
-            _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(q)), cdiv(dv, bv))](
+            edges = _outer_edges(q)  # dC_j = sum_p W[p, P + j] q_p dy_p^T
+            _outer_sums_kernel[(rows.count, cdiv(border, edges), cdiv(dv, bv))](
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
-                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(q),
+                width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=edges,
                 PRECISION=_precision(q))
     return dq, dk_, dv_, d_weights, d_entering
 
@@ -531,11 +531,11 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     P_t columns)."""
     border, width, dk, dv = exits.shape[1], exits.shape[-1], k.shape[-1], v.shape[-1]
     u = empty(rows.count, border, dk, dv, device=k.device)
-    bv = min(64, _block(dv))
+    bv, edges = min(64, _block(dv)), _outer_edges(k)
     with on_device(k.device):
-        _outer_sums_kernel[(rows.count, cdiv(border, _outer_edges(k)), cdiv(dv, bv))](
+        _outer_sums_kernel[(rows.count, cdiv(border, edges), cdiv(dv, bv))](
             k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
-            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=_outer_edges(k), PRECISION=_precision(k))
+            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=edges, PRECISION=_precision(k))
     return u
 
 
