@@ -240,6 +240,13 @@ def _exits_backward_kernel(K, V, X, DU, DK_, DV_, DX, SLOT, k_b, k_h, k_p, v_b, 
 
 
 @triton.jit
+def _ring(RING, slot, axis, t, BI: tl.constexpr, BC: tl.constexpr):
+    """Where rows t (slots of an anti-diagonal) of one axis' edges lie in slot `slot` of a program's two-diagonal
+    ring, (2 slots, 2 axes, BI, BC) floats: what the transfer's adjoint passes to the previous diagonal."""
+    return RING + ((slot * 2 + axis) * BI + t)[:, None] * BC + tl.arange(0, BC)[None, :]
+
+
+@triton.jit
 def _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH):
     """What enters position (i, j) of a 2D tile along axis 0 and axis 1 (rows over the columns): the phi row of
     the edge from the neighbour inside the tile, or the indicator of its border column."""
@@ -308,28 +315,29 @@ def _transfer_kernel(S, T, M, D, RANK, SLOT, PHI, W, X, s_o, s_b, s_h, s_p, t_o,
 
 
 @triton.jit
-def _successor(T, M, DW, LAM, t_base, t_p, m_base, m_p, pos_q, real_q, ok_q, rank_q, row_q, cols, col_ok, WIDTH,
-               AXIS: tl.constexpr):
-    """The adjoint an edge leaving along AXIS gets from the position q it enters: M[q, AXIS] dW[q] +
-    sum_a T[q, a, AXIS] lambda[(q, a)]."""
+def _successor(T, M, DW, RING, slot, t_q, t_base, t_p, m_base, m_p, pos_q, real_q, ok_q, rank_q, cols, col_ok,
+               WIDTH, BI: tl.constexpr, BC: tl.constexpr, AXIS: tl.constexpr):
+    """The adjoint an edge leaving along AXIS gets from the position q it enters (row t_q of the ring slot of
+    q's diagonal): M[q, AXIS] dW[q] + sum_a T[q, a, AXIS] lambda[(q, a)]."""
     mask = ok_q[:, None] & col_ok[None, :]
     t = T + t_base + pos_q * t_p + AXIS
     m = tl.load(M + m_base + pos_q * m_p + AXIS, mask=real_q, other=0.0)
     dw = tl.load(DW + rank_q[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)  # DW: this row's
-    lam0 = tl.load(LAM + row_q[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
-    lam1 = tl.load(LAM + (row_q + 1)[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
+    lam0 = tl.load(_ring(RING, slot, 0, t_q, BI, BC), mask=ok_q[:, None], other=0.0)
+    lam1 = tl.load(_ring(RING, slot, 1, t_q, BI, BC), mask=ok_q[:, None], other=0.0)
     return (m[:, None] * dw + tl.load(t, mask=real_q, other=0.0)[:, None] * lam0
             + tl.load(t + 2, mask=real_q, other=0.0)[:, None] * lam1)
 
 
 @triton.jit
-def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, LAM, DS, DT, DM, DD, t_o, t_b, t_h, t_p,
+def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, RING, DS, DT, DM, DD, t_o, t_b, t_h, t_p,
                               m_o, m_b, m_h, m_p, NT, NO, NB, NH, N, C0, C1, P, WIDTH,
                               BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr):
-    """The adjoint of _transfer_kernel, anti-diagonals in reverse: lambda (dLoss/dphi of every edge, kept in LAM)
-    from the read-outs, transitions and exits downstream, then the gates' gradients, written at the grid
-    positions of the slots into contiguous (blocks, B, N, O, H, F) tensors: each block of BC columns, one
-    program, gives its part of the sums over columns."""
+    """The adjoint of _transfer_kernel, anti-diagonals in reverse: lambda (dLoss/dphi of every edge, passed to the
+    previous diagonal through a ring of two diagonals per program, not a phi-sized buffer) from the read-outs,
+    transitions and exits downstream, then the gates' gradients, written at the grid positions of the slots into
+    contiguous (blocks, B, N, O, H, F) tensors: each block of BC columns, one program, gives its part of the sums
+    over columns."""
     r = tl.program_id(0).to(tl.int64)
     tile, o, b, h = _row(r, NO, NB, NH)
     t_base, m_base = o * t_o + b * t_b + h * t_h, o * m_o + b * m_b + h * m_h
@@ -338,26 +346,27 @@ def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, LAM, DS, DT, DM, DD
     col_ok = cols < WIDTH
     E = C0 + C1
     DW = DW + r * P * WIDTH
+    RING += (r * tl.num_programs(1) + tl.program_id(1)) * 4 * BI * BC
     for back in range(C0 + C1 - 1):
         d = C0 + C1 - 2 - back
         i, j, ok, rank = _diagonal(RANK, d, C0, C1, BI)
         mask = ok[:, None] & col_ok[None, :]
+        after = tl.maximum(d + 2 - C1, 0)  # the first row of diagonal d + 1 (its slot 0 in the ring)
         below = ok & (i + 1 < C0)
         rank_below = tl.load(RANK + (i + 1) * C1 + j, mask=below, other=0)
         pos_below, real_below = _slots(SLOT, tile, o, NT, P, rank_below, below)
-        lam0 = _successor(T, M, DW, LAM, t_base, t_p, m_base, m_p, pos_below, real_below, below, rank_below,
-                          (r * P + (i + 1) * C1 + j) * 2, cols, col_ok, WIDTH, 0)
+        lam0 = _successor(T, M, DW, RING, (d + 1) % 2, i + 1 - after, t_base, t_p, m_base, m_p, pos_below, real_below,
+                          below, rank_below, cols, col_ok, WIDTH, BI, BC, 0)
         lam0 += tl.load(DX + (r * E + j)[:, None] * WIDTH + cols[None, :], mask=mask & (i == C0 - 1)[:, None], other=0.0)
         right = ok & (j + 1 < C1)
         rank_right = tl.load(RANK + i * C1 + j + 1, mask=right, other=0)
         pos_right, real_right = _slots(SLOT, tile, o, NT, P, rank_right, right)
-        lam1 = _successor(T, M, DW, LAM, t_base, t_p, m_base, m_p, pos_right, real_right, right, rank_right,
-                          (r * P + i * C1 + j + 1) * 2, cols, col_ok, WIDTH, 1)
+        lam1 = _successor(T, M, DW, RING, (d + 1) % 2, i - after, t_base, t_p, m_base, m_p, pos_right, real_right,
+                          right, rank_right, cols, col_ok, WIDTH, BI, BC, 1)
         lam1 += tl.load(DX + (r * E + C1 + i)[:, None] * WIDTH + cols[None, :], mask=mask & (j == C1 - 1)[:, None],
                         other=0.0)
-        row = (r * P + i * C1 + j) * 2
-        tl.store(LAM + row[:, None] * WIDTH + cols[None, :], lam0, mask=mask)
-        tl.store(LAM + (row + 1)[:, None] * WIDTH + cols[None, :], lam1, mask=mask)
+        tl.store(_ring(RING, d % 2, 0, tl.arange(0, BI), BI, BC), lam0)
+        tl.store(_ring(RING, d % 2, 1, tl.arange(0, BI), BI, BC), lam1)
         in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH)
         own = (cols[None, :] == rank[:, None]).to(tl.float32)
         dw = tl.load(DW + rank[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
@@ -373,7 +382,7 @@ def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, LAM, DS, DT, DM, DD
         tl.store(DM + pair + 1, tl.sum(dw * in1, 1), mask=real)
         if HAS_DIRECT:
             tl.store(DD + _dense(o, b, h, pos, N, NO, NH, 1) + part, tl.sum(dw * own, 1), mask=real)
-        tl.debug_barrier()  # the previous diagonal reads these adjoints
+        tl.debug_barrier()  # the previous diagonal reads this one's ring slot (and overwrites the other)
 
 
 def _block(n: int) -> int:
@@ -561,7 +570,7 @@ def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
     return rank.to(device, torch.int32)
 
 
-TRANSFER_COLUMNS = 64  # columns (sources) per program of the transfer kernels
+TRANSFER_COLUMNS = 32  # columns (sources) per program of the transfer kernels
 
 
 def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int]):
@@ -593,10 +602,11 @@ def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tupl
     parts = lambda f: empty(blocks, rows.batch, rows.positions, rows.orientations, rows.heads, f, device=device)
     d_source, d_transition, d_mark = parts(2), parts(4), parts(2)
     d_direct = parts(1) if has_direct else None
+    ring = empty(rows.count * blocks * 4 * _block(min(c0, c1)) * TRANSFER_COLUMNS, device=device)
     with on_device(device):
         _transfer_backward_kernel[(rows.count, blocks)](
-            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights, d_exits, empty(*phi.shape, device=device),
-            d_source, d_transition, d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
+            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights, d_exits, ring, d_source, d_transition,
+            d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
             *_gate_strides(mark), *rows.args(), rows.positions, c0, c1, positions, width,
             BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=has_direct, num_warps=4)
     total = lambda x: x if x is None else x.sum(0) if blocks > 1 else x[0]
