@@ -95,7 +95,7 @@ def _entering(k3, v3, exits, rows: Rows, plan: TilePlan) -> Optional[torch.Tenso
 
 def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
     plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
-    weights, exits, _ = transfer(*gates, direct3, rows, plan.tile)
+    weights, exits, _ = transfer(*gates, direct3, rows, plan.tile, border=plan.num_tiles > 1)
     y = readout(q3, k3, v3, weights, _entering(k3, v3, exits, rows, plan), rows, scale)
     return _orientations_summed(y).view(*q.shape[:-1], v.shape[-1])
 
@@ -120,13 +120,13 @@ def _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, orient
     dk, dv = q.shape[-1], v.shape[-1]
     plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
     size, border = plan.tile_size, plan.num_border
-    weights, exits, phi = transfer(*gates, direct3, rows, plan.tile)
+    weights, exits, phi = transfer(*gates, direct3, rows, plan.tile, border=plan.num_tiles > 1)
     entering = _entering(k3, v3, exits, rows, plan)
     has_border = entering is not None
     dy3 = (scale * dy.float()).reshape(rows.batch, rows.positions, rows.heads, dv).contiguous()
     dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, entering, dy3, rows)
     del weights  # read for the last time: its memory free before the transfer's adjoint allocates its own
-    d_exits = torch.zeros_like(exits)
+    d_exits = torch.zeros_like(exits) if has_border else None
     if has_border:
         tiles_by_group = (plan.num_tiles, rows.count // plan.num_tiles)
         exit_border = exits[..., size:size + border].reshape(*tiles_by_group, border, border)

@@ -247,18 +247,20 @@ def _ring(RING, slot, axis, t, BI: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH):
+def _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH, BORDER: tl.constexpr):
     """What enters position (i, j) of a 2D tile along axis 0 and axis 1 (rows over the columns): the phi row of
-    the edge from the neighbour inside the tile, or the indicator of its border column."""
+    the edge from the neighbour inside the tile, or the indicator of its border column (zero without BORDER: a
+    one-tile grid, where nothing enters from outside and the rows have no border columns)."""
     mask = ok[:, None] & col_ok[None, :]
     pos = i * C1 + j
     from_above = tl.load(PHI + ((r * P + pos - C1) * 2)[:, None] * WIDTH + cols[None, :],
                          mask=mask & (i > 0)[:, None], other=0.0)
     from_left = tl.load(PHI + ((r * P + pos - 1) * 2 + 1)[:, None] * WIDTH + cols[None, :],
                         mask=mask & (j > 0)[:, None], other=0.0)
-    in0 = tl.where((i > 0)[:, None], from_above, (cols[None, :] == (P + j)[:, None]).to(tl.float32))
-    in1 = tl.where((j > 0)[:, None], from_left, (cols[None, :] == (P + C1 + i)[:, None]).to(tl.float32))
-    return in0, in1
+    if BORDER:
+        from_above = tl.where((i > 0)[:, None], from_above, (cols[None, :] == (P + j)[:, None]).to(tl.float32))
+        from_left = tl.where((j > 0)[:, None], from_left, (cols[None, :] == (P + C1 + i)[:, None]).to(tl.float32))
+    return from_above, from_left
 
 
 @triton.jit
@@ -280,11 +282,12 @@ def _gate_pair(G, base, pos, s_pos, ok):
 @triton.jit
 def _transfer_kernel(S, T, M, D, RANK, SLOT, PHI, W, X, s_o, s_b, s_h, s_p, t_o, t_b, t_h, t_p, m_o, m_b, m_h, m_p,
                      d_b, d_h, d_p, NT, NO, NB, NH, C0, C1, P, WIDTH,
-                     BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr):
+                     BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr, BORDER: tl.constexpr):
     """One tile row r of a 2D tile, anti-diagonal after anti-diagonal: phi (every edge's row over the P local
-    sources and E border columns), W (each position's read-out row, the direct weight on its own column) and X
-    (the exit edges' rows, the axis-0 face by column, then the axis-1 face by row). Gates are read at the grid
-    positions of the tile's slots (zero in padding). Columns are independent: each program takes a block of BC."""
+    sources and, with BORDER, E border columns), W (each position's read-out row, the direct weight on its own
+    column) and, with BORDER, X (the exit edges' rows, the axis-0 face by column, then the axis-1 face by row).
+    Gates are read at the grid positions of the tile's slots (zero in padding). Columns are independent: each
+    program takes a block of BC."""
     r = tl.program_id(0).to(tl.int64)
     tile, o, b, h = _row(r, NO, NB, NH)
     cols = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -293,7 +296,7 @@ def _transfer_kernel(S, T, M, D, RANK, SLOT, PHI, W, X, s_o, s_b, s_h, s_p, t_o,
     for d in range(C0 + C1 - 1):
         i, j, ok, rank = _diagonal(RANK, d, C0, C1, BI)
         pos, real = _slots(SLOT, tile, o, NT, P, rank, ok)
-        in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH)
+        in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH, BORDER)
         own = (cols[None, :] == rank[:, None]).to(tl.float32)
         s0, s1 = _gate_pair(S, o * s_o + b * s_b + h * s_h, pos, s_p, real)
         t00, t01 = _gate_pair(T, o * t_o + b * t_b + h * t_h, pos, t_p, real)
@@ -309,8 +312,9 @@ def _transfer_kernel(S, T, M, D, RANK, SLOT, PHI, W, X, s_o, s_b, s_h, s_p, t_o,
         tl.store(PHI + row[:, None] * WIDTH + cols[None, :], phi0, mask=mask)
         tl.store(PHI + (row + 1)[:, None] * WIDTH + cols[None, :], phi1, mask=mask)
         tl.store(W + (r * P + rank)[:, None] * WIDTH + cols[None, :], w, mask=mask)
-        tl.store(X + (r * E + j)[:, None] * WIDTH + cols[None, :], phi0, mask=mask & (i == C0 - 1)[:, None])
-        tl.store(X + (r * E + C1 + i)[:, None] * WIDTH + cols[None, :], phi1, mask=mask & (j == C1 - 1)[:, None])
+        if BORDER:
+            tl.store(X + (r * E + j)[:, None] * WIDTH + cols[None, :], phi0, mask=mask & (i == C0 - 1)[:, None])
+            tl.store(X + (r * E + C1 + i)[:, None] * WIDTH + cols[None, :], phi1, mask=mask & (j == C1 - 1)[:, None])
         tl.debug_barrier()  # the next diagonal reads these rows
 
 
@@ -332,7 +336,7 @@ def _successor(T, M, DW, RING, slot, t_q, t_base, t_p, m_base, m_p, pos_q, real_
 @triton.jit
 def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, RING, DS, DT, DM, DD, t_o, t_b, t_h, t_p,
                               m_o, m_b, m_h, m_p, NT, NO, NB, NH, N, C0, C1, P, WIDTH,
-                              BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr):
+                              BI: tl.constexpr, BC: tl.constexpr, HAS_DIRECT: tl.constexpr, BORDER: tl.constexpr):
     """The adjoint of _transfer_kernel, anti-diagonals in reverse: lambda (dLoss/dphi of every edge, passed to the
     previous diagonal through a ring of two diagonals per program, not a phi-sized buffer) from the read-outs,
     transitions and exits downstream, then the gates' gradients, written at the grid positions of the slots into
@@ -357,17 +361,20 @@ def _transfer_backward_kernel(T, M, RANK, SLOT, PHI, DW, DX, RING, DS, DT, DM, D
         pos_below, real_below = _slots(SLOT, tile, o, NT, P, rank_below, below)
         lam0 = _successor(T, M, DW, RING, (d + 1) % 2, i + 1 - after, t_base, t_p, m_base, m_p, pos_below, real_below,
                           below, rank_below, cols, col_ok, WIDTH, BI, BC, 0)
-        lam0 += tl.load(DX + (r * E + j)[:, None] * WIDTH + cols[None, :], mask=mask & (i == C0 - 1)[:, None], other=0.0)
+        if BORDER:
+            lam0 += tl.load(DX + (r * E + j)[:, None] * WIDTH + cols[None, :], mask=mask & (i == C0 - 1)[:, None],
+                            other=0.0)
         right = ok & (j + 1 < C1)
         rank_right = tl.load(RANK + i * C1 + j + 1, mask=right, other=0)
         pos_right, real_right = _slots(SLOT, tile, o, NT, P, rank_right, right)
         lam1 = _successor(T, M, DW, RING, (d + 1) % 2, i - after, t_base, t_p, m_base, m_p, pos_right, real_right,
                           right, rank_right, cols, col_ok, WIDTH, BI, BC, 1)
-        lam1 += tl.load(DX + (r * E + C1 + i)[:, None] * WIDTH + cols[None, :], mask=mask & (j == C1 - 1)[:, None],
-                        other=0.0)
+        if BORDER:
+            lam1 += tl.load(DX + (r * E + C1 + i)[:, None] * WIDTH + cols[None, :],
+                            mask=mask & (j == C1 - 1)[:, None], other=0.0)
         tl.store(_ring(RING, d % 2, 0, tl.arange(0, BI), BI, BC), lam0)
         tl.store(_ring(RING, d % 2, 1, tl.arange(0, BI), BI, BC), lam1)
-        in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH)
+        in0, in1 = _transfer_rows(PHI, r, i, j, ok, cols, col_ok, P, C1, WIDTH, BORDER)
         own = (cols[None, :] == rank[:, None]).to(tl.float32)
         dw = tl.load(DW + rank[:, None] * WIDTH + cols[None, :], mask=mask, other=0.0)
         pos, real = _slots(SLOT, tile, o, NT, P, rank, ok)
@@ -573,29 +580,32 @@ def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
 TRANSFER_COLUMNS = 32  # columns (sources) per program of the transfer kernels
 
 
-def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int]):
-    """[W (R, P, F), X (R, E, F), phi (R, 2 P, F)] of a rows x cols tile, float32: F >= P + E columns, the P local
-    sources, the E border edges and zero columns up to a multiple of 16 (aligned rows).
+def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int], border: bool):
+    """[W (R, P, F), X (R, E, F) or None without `border`, phi (R, 2 P, F)] of a rows x cols tile, float32: F >= P
+    + E columns, the P local sources, the E border edges (none without `border`: a one-tile grid, which nothing
+    enters and nothing leaves) and zero columns up to a multiple of 16 (aligned rows).
 
     source, mark (B, N, O, H, 2), transition (B, N, O, H, 4): float32 with unit last stride; direct (B, N, H, 1)
     or None."""
     device, (c0, c1) = source.device, tile
-    positions, border = c0 * c1, c0 + c1
-    width = cdiv(positions + border, 16) * 16  # rows padded (with zero columns) to aligned strides
+    positions, edges = c0 * c1, c0 + c1
+    width = cdiv(positions + (edges if border else 0), 16) * 16  # rows padded (with zero columns) to aligned strides
     phi = empty(rows.count, 2 * positions, width, device=device)
     weights = empty(rows.count, positions, width, device=device)
-    exits = empty(rows.count, border, width, device=device)
+    exits = empty(rows.count, edges, width, device=device) if border else None
     with on_device(device):
         _transfer_kernel[(rows.count, cdiv(width, TRANSFER_COLUMNS))](
             source, transition, mark, direct if direct is not None else source, _ranks(tile, device), rows.slots,
-            phi, weights, exits, *_gate_strides(source), *_gate_strides(transition), *_gate_strides(mark),
-            *(_strides(direct) if direct is not None else (0, 0, 0)), *rows.args(), c0, c1, positions, width,
-            BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=direct is not None, num_warps=4)
+            phi, weights, exits if border else weights, *_gate_strides(source), *_gate_strides(transition),
+            *_gate_strides(mark), *(_strides(direct) if direct is not None else (0, 0, 0)), *rows.args(), c0, c1,
+            positions, width, BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=direct is not None,
+            BORDER=border, num_warps=4)
     return weights, exits, phi
 
 
 def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tuple[int, int], phi, d_weights, d_exits):
-    """[d_source, d_transition, d_mark, d_direct (None without direct)], float32 (B, N, O, H, F)."""
+    """[d_source, d_transition, d_mark, d_direct (None without direct)], float32 (B, N, O, H, F). d_exits None for
+    a one-tile grid (transfer without `border`)."""
     device, (c0, c1) = mark.device, tile
     positions, width = c0 * c1, phi.shape[-1]
     blocks = cdiv(width, TRANSFER_COLUMNS)
@@ -605,10 +615,12 @@ def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tupl
     ring = empty(rows.count * blocks * 4 * _block(min(c0, c1)) * TRANSFER_COLUMNS, device=device)
     with on_device(device):
         _transfer_backward_kernel[(rows.count, blocks)](
-            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights, d_exits, ring, d_source, d_transition,
+            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights,
+            d_exits if d_exits is not None else phi, ring, d_source, d_transition,
             d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
             *_gate_strides(mark), *rows.args(), rows.positions, c0, c1, positions, width,
-            BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=has_direct, num_warps=4)
+            BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=has_direct, BORDER=d_exits is not None,
+            num_warps=4)
     total = lambda x: x if x is None else x.sum(0) if blocks > 1 else x[0]
     return total(d_source), total(d_transition), total(d_mark), total(d_direct)
 
