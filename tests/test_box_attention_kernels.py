@@ -52,6 +52,19 @@ def test_state_blocks_split_channels_and_values(edges, generator, device):
     assert _error(inputs, device, True) < 1e-5
 
 
+@pytest.mark.parametrize("channels,block", [(128, 32), (256, 16)], ids=["channels128", "channels256"])
+def test_output_blocks_fit_small_shared_memory(channels, block, generator, device, monkeypatch):
+    """On a GPU with 99 KiB of shared memory per block (monkeypatched; sm_86, sm_89) the output kernel takes fewer
+    values per program at 128 and 256 channels (the defaults need 152 and 176 KiB); same results."""
+    import mdlrnn.kernels.box_attention as kernel
+
+    monkeypatch.setattr(kernel, "shared_memory", lambda device: 99 * 1024)
+    assert kernel._output_blocks(channels, 64, torch.device(device))[0] == block
+    inputs = _inputs((1, 5, 6, 1, channels), 40, generator)
+    assert _error(inputs, device, False) < 1e-5
+    assert _error(inputs, device, True) < 1e-5
+
+
 def test_strided_and_half_inputs(generator, device, monkeypatch):
     monkeypatch.setattr(tiles, "STRIP", 4)
     monkeypatch.setattr(tiles, "TILE", 4)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet import tiles as tiling
-from . import cdiv, next_power_of_2, on_device, unit_last_stride
+from . import cdiv, next_power_of_2, on_device, shared_memory, unit_last_stride
 
 WARPS = 4
 MAX_CHANNELS = 256  # the output kernel holds a program's queries and states over all channels (shared memory)
@@ -180,6 +180,21 @@ def _output_kernel(Q, K, V, G, P, OUT, sqb, sqx, sqy, sqh, skb, skx, sky, skh, s
             tl.atomic_add(out[:, None] + f[None, :], acc, mask=valid[:, None] & (f < F)[None, :], sem="relaxed")
 
 
+def _output_blocks(channels: int, features: int, device: torch.device) -> tuple[int, int]:
+    """(values per program, pipeline stages) of the output kernel for `channels` and `features` (powers of two),
+    which holds a program's queries and states over all channels in shared memory. Compiled offline (Triton 3.8,
+    ptxas, the same bytes for sm_80, 86, 89 and 90): 128 channels with 64 values take 152 KiB, 256 with 32 take 176
+    KiB; GPUs with less per block (sm_86 and sm_89: 99 KiB, the A100: 163) take 32 values at 128 channels (92 KiB)
+    and 16 values on two stages at 256 (88 KiB), where the defaults would fail to launch."""
+    block = min(features, 64 if channels <= 128 else 32)
+    room = shared_memory(device)
+    if channels == 128 and block == 64 and room < 152 * 1024:
+        return 32, 3
+    if channels == 256 and room < 176 * 1024:
+        return min(block, 16), 2
+    return block, 3
+
+
 def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, flip: bool = False,
                          precision: str = "ieee") -> torch.Tensor:
     """sum_{s<=p} (query_p . keys_s) values_s (float32, contiguous) for (B, X, Y, H, C) queries and keys and
@@ -210,7 +225,7 @@ def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.
     g_programs = batch * heads * (strips - 1) * blocks
     p_programs = batch * heads * strips * (tiles - 1) * blocks
     # the output kernel: one program per row of a strip and per column, and block of the values
-    out_f = min(features_width, 64 if width <= 128 else 32)
+    out_f, stages = _output_blocks(width, features_width, device)
     row_programs = batch * heads * strips * strip * cdiv(features, out_f)
     column_programs = batch * heads * y * cdiv(features, out_f) if strips > 1 else 0
     sizes = (x, y, heads, channels, features, strips, strip, tiles, tile)
@@ -223,5 +238,5 @@ def box_attention_triton(query: torch.Tensor, keys: torch.Tensor, values: torch.
                 **options)
         _output_kernel[(row_programs + column_programs,)](
             query, keys, values, columns, rows, out, *q_strides, *k_strides, *v_strides, *out.stride()[:4], *sizes,
-            row_programs, CP=width, FB=out_f, **options)
+            row_programs, CP=width, FB=out_f, num_stages=stages, **options)
     return out
