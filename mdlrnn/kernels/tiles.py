@@ -577,7 +577,8 @@ def _ranks(tile: tuple[int, int], device: torch.device) -> torch.Tensor:
     return rank.to(device, torch.int32)
 
 
-TRANSFER_COLUMNS = 32  # columns (sources) per program of the transfer kernels
+# columns (sources) per program of the transfer kernels: 32 beat 64 and 16 at one-tile grids (H200, RESULTS.md)
+TRANSFER_COLUMNS = 32
 
 
 def transfer(source, transition, mark, direct, rows: Rows, tile: tuple[int, int], border: bool):
@@ -615,9 +616,8 @@ def transfer_backward(transition, mark, has_direct: bool, rows: Rows, tile: tupl
     ring = empty(rows.count * blocks * 4 * _block(min(c0, c1)) * TRANSFER_COLUMNS, device=device)
     with on_device(device):
         _transfer_backward_kernel[(rows.count, blocks)](
-            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights,
-            d_exits if d_exits is not None else phi, ring, d_source, d_transition,
-            d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
+            transition, mark, _ranks(tile, device), rows.slots, phi, d_weights, d_exits if d_exits is not None else phi,
+            ring, d_source, d_transition, d_mark, d_direct if has_direct else d_source, *_gate_strides(transition),
             *_gate_strides(mark), *rows.args(), rows.positions, c0, c1, positions, width,
             BI=_block(min(c0, c1)), BC=TRANSFER_COLUMNS, HAS_DIRECT=has_direct, BORDER=d_exits is not None,
             num_warps=4)
