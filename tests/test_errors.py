@@ -1,5 +1,7 @@
 """Bad input gets a ValueError/TypeError naming the argument and what was expected."""
 
+import sys
+
 import pytest
 import torch
 
@@ -141,3 +143,17 @@ def test_dag_triton_backend_where_it_cannot_run(monkeypatch):
         dag_scan(**inputs, graph=graph, backend="triton")
     with pytest.raises(ValueError, match=r"grid_scan: backend='triton' needs the triton package"):
         grid_scan(**line, backend="triton")
+
+
+@pytest.mark.parametrize("mode", ["causal", "box", "global"])
+def test_lightnet_without_triton(mode, monkeypatch):
+    """Without the triton package (an optional dependency) lightnet_scan takes its torch path, whose choice must not
+    import the kernel modules (they import triton); backend='triton' says what is missing."""
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    for name in [m for m in sys.modules if m.startswith("mdlrnn.kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    q, k, v = (torch.randn(1, 5, 6, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    torch.testing.assert_close(lightnet_scan(q, k, v, mode=mode), lightnet_scan(q, k, v, mode=mode, backend="torch"))
+    with pytest.raises(ValueError, match=r"lightnet_scan: backend='triton' needs the triton package"):
+        lightnet_scan(q, k, v, mode=mode, backend="triton")

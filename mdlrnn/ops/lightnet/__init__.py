@@ -74,10 +74,14 @@ def _on_kernels(op: str, backend: str, mode: str, q: torch.Tensor, channels: int
     angles), global mode and box mode on 1D and 2D grids (up to 128 key channels), up to 128 values; "auto"
     takes them on CUDA, but for global mode."""
     from ... import kernels
-    from ...kernels.lightnet import MAX_DK, MAX_DV
 
     if mode == "global" and backend == "auto":  # the fused reduction: no faster than torch's matmuls (RESULTS.md)
         return False
+    if backend not in ("auto", "triton") or not kernels.usable(q.device):
+        # no kernel module imported (it needs triton, an optional dependency): False, or why backend="triton" can't
+        return kernels.choose(op, backend, q.device, dtype)
+    from ...kernels.lightnet import MAX_DK, MAX_DV
+
     fits = values <= MAX_DV and (_causal_fits(mode, q, channels, values) or (
         (mode == "global" or (mode == "box" and q.dim() == 5)) and q.shape[-1] <= MAX_DK))
     unfit = None if fits else (
