@@ -151,6 +151,36 @@ def test_tile_kernels_match_reference(sizes, direct, generator, device, small_ti
     assert max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("sizes, tile", [((11, 9), (4, 3)), ((5, 13), (5, 4)), ((9, 2), (2, 2))], ids=str)
+def test_across_tiles_kernels_match_the_torch_loop(sizes, tile, generator, device):
+    """mdlrnn.kernels.across (one program per group and feature block walking the tiles) against the torch loop over
+    hyperplanes it replaces: the exit states, which hold the entering ones, dU and dA. Features off the block."""
+    from mdlrnn.kernels import across
+    from mdlrnn.ops.grid.chunk import TorchAcross
+    from mdlrnn.ops.grid.plan import tile_plan
+
+    plan = tile_plan(sizes, device, tile)
+    tiles, border, size = plan.num_tiles, plan.num_border, plan.tile_size
+    groups, features, width = 3, 37, size + border + 5
+    rand = lambda *shape: torch.randn(*shape, generator=generator).to(device)
+    exits, local, d_entering = 0.5 * rand(tiles * groups, border, width), rand(tiles * groups, border, 1, features), \
+        rand(tiles * groups, border, 1, features)
+    a = exits[..., size:size + border].reshape(tiles, groups, border, border)
+    entering = TorchAcross.states(local.view(tiles, groups, border, features).clone(), a, plan)
+    d_local, d_a = TorchAcross.adjoint(d_entering.view_as(entering), a, entering, plan)
+    states = across.states(local.clone(), exits, plan)
+    source = across.sources(plan)[0].long()
+    inside = (source >= 0)[:, None, :, None]
+    # exit j of tile source[t, j] enters edge j of tile t
+    gathered = states.view(tiles, groups, border, features)[source.clamp(min=0)[:, None, :],
+                                                            torch.arange(groups, device=device)[None, :, None],
+                                                            torch.arange(border, device=device)[None, None, :]]
+    assert relative_error(torch.where(inside, gathered, 0.0), entering) < 1e-6
+    d_local_k, d_a_k = across.adjoint(d_entering, states, exits, plan)
+    assert relative_error(d_local_k.view_as(d_local), d_local) < 1e-6
+    assert relative_error(d_a_k.view_as(d_a), d_a) < 1e-6
+
+
 def test_tile_kernels_whole_grid_and_wide_heads(generator, device):
     """A small grid is one tile (no border states); head sizes off the block grid."""
     errors = compare(grid_inputs(1, (6, 11), 3, 24, 40, generator=generator), device, scale=0.3)

@@ -18,9 +18,8 @@ from typing import Optional
 import torch
 
 from ..ops._tables import device_tables
-from ..ops.grid.chunk import TorchAcross
 from ..ops.grid.plan import TilePlan, coordinates, row_major_strides, tile_plan
-from . import eager_forward, first_order_only, run, unit_last_stride
+from . import across, eager_forward, first_order_only, run, unit_last_stride
 from .tiles import (Rows, TritonTiles, exit_states, exits_backward, readout, readout_backward, transfer,
                     transfer_backward)
 
@@ -81,22 +80,24 @@ def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tenso
 grid_scan_2d = torch.library.custom_op("mdlrnn::grid_scan_2d", _scan, mutates_args=())
 
 
-def _entering(k3, v3, exits, rows: Rows, plan: TilePlan) -> Optional[torch.Tensor]:
-    """The border states entering each tile, (R, E, Dk, Dv) float32: the exits' local part, then the pass across
-    tiles. None for a one-tile grid."""
+def _exit_states(k3, v3, exits, rows: Rows, plan: TilePlan) -> Optional[torch.Tensor]:
+    """The border states leaving each tile, (R, E, Dk, Dv) float32, which the next tiles read (across.sources):
+    the exits' local part, then the pass across tiles. None for a one-tile grid."""
     if plan.num_tiles == 1:
         return None
-    dk, dv = k3.shape[-1], v3.shape[-1]
-    tiles_by_group, border, size = (plan.num_tiles, rows.count // plan.num_tiles), plan.num_border, plan.tile_size
-    local = exit_states(k3, v3, exits, rows).view(*tiles_by_group, border, dk * dv)
-    entering = TorchAcross.states(local, exits[..., size:size + border].reshape(*tiles_by_group, border, border), plan)
-    return entering.view(-1, border, dk, dv)
+    return across.states(exit_states(k3, v3, exits, rows), exits, plan)
+
+
+def _sources(plan: TilePlan) -> Optional[torch.Tensor]:
+    """Which tile's exit enters each border edge (across.sources), None for a one-tile grid."""
+    return across.sources(plan)[0] if plan.num_tiles > 1 else None
 
 
 def _forward(q, k, v, source, transition, mark, direct, scale, orientations):
     plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
     weights, exits, _ = transfer(*gates, direct3, rows, plan.tile, border=plan.num_tiles > 1)
-    y = readout(q3, k3, v3, weights, _entering(k3, v3, exits, rows, plan), rows, scale)
+    states = _exit_states(k3, v3, exits, rows, plan)
+    y = readout(q3, k3, v3, weights, states, rows, scale, _sources(plan))
     return _orientations_summed(y).view(*q.shape[:-1], v.shape[-1])
 
 
@@ -117,23 +118,20 @@ grid_scan_2d_backward = torch.library.custom_op("mdlrnn::grid_scan_2d_backward",
 
 
 def _backward_steps(q, k, v, source, transition, mark, direct, dy, scale, orientations):
-    dk, dv = q.shape[-1], v.shape[-1]
+    dv = v.shape[-1]
     plan, rows, (q3, k3, v3), gates, direct3 = _inputs(q, k, v, source, transition, mark, direct, orientations)
     size, border = plan.tile_size, plan.num_border
     weights, exits, phi = transfer(*gates, direct3, rows, plan.tile, border=plan.num_tiles > 1)
-    entering = _entering(k3, v3, exits, rows, plan)
-    has_border = entering is not None
+    states = _exit_states(k3, v3, exits, rows, plan)
+    has_border = states is not None
     dy3 = (scale * dy.float()).reshape(rows.batch, rows.positions, rows.heads, dv).contiguous()
-    dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, entering, dy3, rows)
+    dq, dk_, dv_, d_weights, d_entering = readout_backward(q3, k3, v3, weights, states, dy3, rows, _sources(plan))
     del weights  # read for the last time: its memory free before the transfer's adjoint allocates its own
     d_exits = torch.zeros_like(exits) if has_border else None
     if has_border:
-        tiles_by_group = (plan.num_tiles, rows.count // plan.num_tiles)
-        exit_border = exits[..., size:size + border].reshape(*tiles_by_group, border, border)
-        states = entering.view(*tiles_by_group, border, dk * dv)
-        d_local, d_border = TorchAcross.adjoint(d_entering.view_as(states), exit_border, states, plan)
-        d_exits[..., size:size + border] = d_border.flatten(0, 1)
-        exits_backward(k3, v3, exits, d_local.view(-1, border, dk, dv), rows, dk_, dv_, d_exits, accumulate=True)
+        d_local, d_border = across.adjoint(d_entering, states, exits, plan)
+        d_exits[..., size:size + border] = d_border
+        exits_backward(k3, v3, exits, d_local, rows, dk_, dv_, d_exits, accumulate=True)
     ds, dt, dm, dd = transfer_backward(*gates[1:], direct is not None, rows, plan.tile, phi, d_weights, d_exits)
     grads = [_orientations_summed(g).view(x.shape) for g, x in ((dq, q), (dk_, k), (dv_, v))]
     grads += [g.view(x.shape) for g, x in ((ds, source), (dt, transition), (dm, mark))]

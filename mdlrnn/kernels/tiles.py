@@ -71,9 +71,18 @@ def _source_block(K, V, SLOT, w_rows, t, o, k_base, k_p, v_base, v_p, start, NT,
 
 
 @triton.jit
-def _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok):
-    """C_j (float32) and its read-out weights W[rows, P + j] as a column."""
-    c = tl.load(C + ((r * E + j) * DK + dks[:, None]) * DV + dvs[None, :], mask=dk_ok[:, None] & dv_ok[None, :], other=0.0)
+def _entering_row(SOURCE, r, t, j, G, E):
+    """Whether a state enters edge j of tile row r (tile t, G rows a tile), not from outside the grid, and the row of
+    the exit states it is: r + (SOURCE[t, j] - t) G, that of the tile it comes from."""
+    src = tl.load(SOURCE + t * E + j)
+    return src >= 0, r + (src - t) * G
+
+
+@triton.jit
+def _border_state(C, w_rows, row, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok):
+    """State j of row `row` of C (float32) and the read-out weights W[rows, P + j] as a column."""
+    c = tl.load(C + ((row * E + j) * DK + dks[:, None]) * DV + dvs[None, :], mask=dk_ok[:, None] & dv_ok[None, :],
+                other=0.0)
     return c, tl.load(w_rows + P + j, mask=row_ok[:, None], other=0.0)
 
 
@@ -94,7 +103,7 @@ def _own_sources(K, V, SLOT, k_b, k_h, k_p, v_b, v_h, v_p, NT, NO, NB, NH, P, DK
 
 
 @triton.jit
-def _readout_kernel(Q, K, V, W, C, Y, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p, scale,
+def _readout_kernel(Q, K, V, W, C, SOURCE, Y, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p, scale,
                     NT, NO, NB, NH, N, P, E, WIDTH, DK, DV, BP: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr,
                     BV: tl.constexpr, HAS_BORDER: tl.constexpr, PRECISION: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -115,8 +124,10 @@ def _readout_kernel(Q, K, V, W, C, Y, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v
     if HAS_BORDER:
         q32 = q.to(tl.float32)  # states stay float32 (tf32 products for half inputs)
         for j in range(E):
-            c, w_j = _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
-            acc = tl.dot(w_j * q32, c, acc, input_precision=PRECISION)  # accumulated in the product
+            enters, row = _entering_row(SOURCE, r, t, j, NO * NB * NH, E)
+            if enters:
+                c, w_j = _border_state(C, w_rows, row, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
+                acc = tl.dot(w_j * q32, c, acc, input_precision=PRECISION)  # accumulated in the product
     tl.store(Y + _dense(o, b, h, pos, N, NO, NH, DV)[:, None] + dvs[None, :], scale * acc,
              mask=real[:, None] & dv_ok[None, :])
 
@@ -151,7 +162,7 @@ def _readout_sources_kernel(Q, K, V, W, DY, DK_, DV_, DW, SLOT, q_b, q_h, q_p, k
 
 
 @triton.jit
-def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p,
+def _readout_queries_kernel(Q, K, V, W, C, SOURCE, DY, DQ, DW, SLOT, q_b, q_h, q_p, k_b, k_h, k_p, v_b, v_h, v_p,
                             NT, NO, NB, NH, N, P, E, WIDTH, DK, DV, BP: tl.constexpr, BS: tl.constexpr,
                             BK: tl.constexpr, BV: tl.constexpr, HAS_BORDER: tl.constexpr, PRECISION: tl.constexpr):
     """Per block of queries p: dq_p, and dW[p, P + j] for the border columns."""
@@ -173,11 +184,13 @@ def _readout_queries_kernel(Q, K, V, W, C, DY, DQ, DW, SLOT, q_b, q_h, q_p, k_b,
         dq = tl.dot(d_scores.to(q.dtype), k, dq, input_precision=PRECISION)
     if HAS_BORDER:
         q32 = q.to(tl.float32)
-        for j in range(E):
-            c, w_j = _border_state(C, w_rows, r, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
-            read = tl.dot(q32, c, input_precision=PRECISION)  # q_p^T C_j
-            tl.store(DW + (r * P + rows) * WIDTH + P + j, tl.sum(read * dy32, 1), mask=row_ok)
-            dq = tl.dot(w_j * dy32, tl.trans(c), dq, input_precision=PRECISION)
+        for j in range(E):  # dW[p, P + j] stays zero where no state enters
+            enters, row = _entering_row(SOURCE, r, t, j, NO * NB * NH, E)
+            if enters:
+                c, w_j = _border_state(C, w_rows, row, j, P, E, DK, DV, row_ok, dks, dk_ok, dvs, dv_ok)
+                read = tl.dot(q32, c, input_precision=PRECISION)  # q_p^T C_j
+                tl.store(DW + (r * P + rows) * WIDTH + P + j, tl.sum(read * dy32, 1), mask=row_ok)
+                dq = tl.dot(w_j * dy32, tl.trans(c), dq, input_precision=PRECISION)
     tl.store(DQ + _dense(o, b, h, pos, N, NO, NH, DK)[:, None] + dks[None, :], dq, mask=real[:, None] & dk_ok[None, :])
 
 
@@ -498,32 +511,50 @@ def _border_blocks(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     return (128, 8) if fits else (BLOCK_P, 4)
 
 
-def readout(q, k, v, weights, entering, rows: Rows, scale: float = 1.0) -> torch.Tensor:
+@device_tables
+def _own_rows(border: int, device: torch.device) -> torch.Tensor:
+    """The source table (one tile, E edges) of border states stored per entering edge: each edge reads its own row."""
+    return torch.zeros(1, border, dtype=torch.int32, device=device)
+
+
+def _border_args(states, sources, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The read-out kernels' C and SOURCE: the rows' own entering states where no sources are given; without states
+    (HAS_BORDER off, nothing read) any tensors."""
+    if states is None:
+        return rows.slots, rows.slots
+    return states, sources if sources is not None else _own_rows(states.shape[1], states.device)
+
+
+def readout(q, k, v, weights, states, rows: Rows, scale: float = 1.0, sources=None) -> torch.Tensor:
     """y (B, N, O, H, Dv) float32 = scale * (the local quadratic form + the entering border states' part).
 
     q, k (B, N, H, Dk), v (B, N, H, Dv): one dtype, unit feature stride; weights (R, P_t, >= P_t + E) float32;
-    entering (R, E, Dk, Dv) float32 contiguous, or None where no state enters."""
+    states (R, E, Dk, Dv) float32 contiguous, or None where no state enters. With `sources` (T, E) int32 the
+    state entering edge j of tile t is the exit j of tile sources[t, j] (none for -1): row r + (sources[t, j] -
+    t) R / T of `states`; without, row r (states entering each tile, a single-tile Rows)."""
     size, width, dk, dv = rows.size, weights.shape[-1], q.shape[-1], v.shape[-1]
-    border = entering.shape[1] if entering is not None else 0
+    has_border, border = states is not None, states.shape[1] if states is not None else 0
     y = rows.outputs(dv, q.device)
-    bv, (block, warps) = min(64, _block(dv)), _readout_blocks(q, entering is not None)
+    bv, (block, warps) = min(64, _block(dv)), _readout_blocks(q, has_border)
+    states, sources = _border_args(states, sources, rows)
     with on_device(q.device):
         _readout_kernel[(rows.count, cdiv(size, block), cdiv(dv, bv))](
-            q, k, v, weights, entering if entering is not None else weights, y, rows.slots,
-            *_strides(q), *_strides(k), *_strides(v), scale, *rows.args(), rows.positions, size, border,
-            width, dk, dv, BP=block, BS=block, BK=_block(dk), BV=bv, HAS_BORDER=entering is not None,
-            PRECISION=_precision(q), num_warps=warps, num_stages=_stages(size))
+            q, k, v, weights, states, sources, y, rows.slots, *_strides(q), *_strides(k), *_strides(v), scale,
+            *rows.args(), rows.positions, size, border, width, dk, dv, BP=block, BS=block, BK=_block(dk), BV=bv,
+            HAS_BORDER=has_border, PRECISION=_precision(q), num_warps=warps, num_stages=_stages(size))
     return y
 
 
-def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
+def readout_backward(q, k, v, weights, states, dy, rows: Rows, sources=None):
     """[dq, dk, dv (B, N, O, H, D), d_weights (weights' shape), d_entering (R, E, Dk, Dv) or None], float32.
-    dy: (B, N, H, Dv) float32 contiguous."""
+    dy: (B, N, H, Dv) float32 contiguous; states and sources as in `readout`. d_entering holds the adjoint of every
+    entering edge (those from outside the grid too, unused)."""
     size, width, dk, dv = rows.size, weights.shape[-1], q.shape[-1], v.shape[-1]
-    border = entering.shape[1] if entering is not None else 0
+    has_border, border = states is not None, states.shape[1] if states is not None else 0
     dq, dk_, dv_ = rows.outputs(dk, q.device), rows.outputs(dk, q.device), rows.outputs(dv, q.device)
     d_weights = torch.zeros(rows.count, size, width, device=q.device)  # W[p, s] for s after p is never read: zero
-    d_entering = empty(rows.count, border, dk, dv, device=q.device) if entering is not None else None
+    d_entering = empty(rows.count, border, dk, dv, device=q.device) if has_border else None
+    states, sources = _border_args(states, sources, rows)
     blocks, common = cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q),
                                                num_stages=_stages(size))
     qkv = (*_strides(q), *_strides(k), *_strides(v))
@@ -532,12 +563,11 @@ def readout_backward(q, k, v, weights, entering, dy, rows: Rows):
         _readout_sources_kernel[(rows.count, blocks)](
             q, k, v, weights, dy, dk_, dv_, d_weights, rows.slots, *qkv, *rows.args(), rows.positions, size, width,
             dk, dv, BP=BLOCK_P, BS=BLOCK_P, **common)
-        queries, warps = _border_blocks(q, v) if entering is not None else (BLOCK_P, 4)
+        queries, warps = _border_blocks(q, v) if has_border else (BLOCK_P, 4)
         _readout_queries_kernel[(rows.count, cdiv(size, queries))](
-            q, k, v, weights, entering if entering is not None else weights, dy, dq, d_weights, rows.slots, *qkv,
-            *rows.args(), rows.positions, size, border, width, dk, dv, BP=queries, BS=BLOCK_P,
-            HAS_BORDER=entering is not None, num_warps=warps, **common)
-        if entering is not None:
+            q, k, v, weights, states, sources, dy, dq, d_weights, rows.slots, *qkv, *rows.args(), rows.positions, size,
+            border, width, dk, dv, BP=queries, BS=BLOCK_P, HAS_BORDER=has_border, num_warps=warps, **common)
+        if has_border:
             edges = _outer_edges(q)  # dC_j = sum_p W[p, P + j] q_p dy_p^T
             _outer_sums_kernel[(rows.count, cdiv(border, edges), cdiv(dv, bv))](
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,

@@ -148,8 +148,8 @@ class AcrossTiles(torch.autograd.Function):
 
     exit_local: (T, G, E, F) the U term; exit_border: (T, G, E, E) the A term. Returns C_enter (T, G, E, F).
     Written as one op with the adjoint scan as its backward, so states live in two buffers instead of
-    per-step autograd nodes. (A Triton kernel walking all hyperplanes in one launch was slower than this loop
-    at every size timed on an H100, so there is none.)
+    per-step autograd nodes. 2D grids on the GPU take mdlrnn.kernels.across instead (two Triton kernels, one
+    program per group and feature block walking all tiles).
     """
 
     @staticmethod
