@@ -9,8 +9,8 @@ adds, and the gradient of A is summed over feature blocks from per-block partial
 
 This replaces mdlrnn.ops.grid.chunk.TorchAcross on the GPU, whose gathers, batched products and copies per
 hyperplane took a third of a 64x64 grid's step (RESULTS.md). No state entering a tile is stored: readers take
-it from the exit states through `sources`. States stay float32; their products are exact for float32 inputs
-and tf32 for half ones, as the read-out's (mdlrnn.kernels.tiles).
+it from the exit states through `sources`. States and their products here are float32 whatever the inputs'
+dtype (see FEATURES).
 """
 
 from __future__ import annotations
