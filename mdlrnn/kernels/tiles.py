@@ -522,6 +522,8 @@ def _border_args(states, sources, rows: Rows) -> tuple[torch.Tensor, torch.Tenso
     (HAS_BORDER off, nothing read) any tensors."""
     if states is None:
         return rows.slots, rows.slots
+    if sources is None and rows.tiles != 1:  # the own-rows table has one tile: later tiles would read past it
+        raise ValueError(f"tile read-out: states of {rows.tiles} tiles need their `sources` table")
     return states, sources if sources is not None else _own_rows(states.shape[1], states.device)
 
 
