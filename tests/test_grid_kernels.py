@@ -140,7 +140,7 @@ def small_tiles(monkeypatch):
 
 # with and without the direct term on the small grid, once each on the others (CI time)
 @pytest.mark.parametrize("sizes, direct", [((5, 7), True), ((5, 7), False), ((1, 9), True), ((9, 1), False),
-                                           ((13, 11), True), ((3, 4, 5), False)], ids=str)
+                                           ((13, 11), True), ((1, 23), False), ((3, 4, 5), False)], ids=str)
 def test_tile_kernels_match_reference(sizes, direct, generator, device, small_tiles, monkeypatch):
     """N >= 2 with backend='triton': the transfer (2D), read-out and exit kernels, every gradient, on grids
     off the tile grid and across tile borders; outputs poisoned with NaN first."""
@@ -151,13 +151,17 @@ def test_tile_kernels_match_reference(sizes, direct, generator, device, small_ti
     assert max(errors.values()) < 1e-5, errors
 
 
-@pytest.mark.parametrize("sizes, tile", [((11, 9), (4, 3)), ((5, 13), (5, 4)), ((9, 2), (2, 2))], ids=str)
-def test_across_tiles_kernels_match_the_torch_loop(sizes, tile, generator, device):
+@pytest.mark.parametrize("sizes, tile", [((11, 9), (4, 3)), ((5, 13), (5, 4)), ((9, 2), (2, 2)), ((1, 40), (1, 16)),
+                                        ((18, 18), (9, 9))], ids=str)
+def test_across_tiles_kernels_match_the_torch_loop(sizes, tile, generator, device, monkeypatch):
     """mdlrnn.kernels.across (one program per group and feature block walking the tiles) against the torch loop over
-    hyperplanes it replaces: the exit states, which hold the entering ones, dU and dA. Features off the block."""
+    hyperplanes it replaces: the exit states, which hold the entering ones, dU and dA. Features off the block, E
+    from 4 to 18 (blocks of 16 and 32 edges), one row of tiles; outputs poisoned with NaN first."""
     from mdlrnn.kernels import across
     from mdlrnn.ops.grid.chunk import TorchAcross
     from mdlrnn.ops.grid.plan import tile_plan
+
+    monkeypatch.setattr(kernels, "POISON", True)
 
     plan = tile_plan(sizes, device, tile)
     tiles, border, size = plan.num_tiles, plan.num_border, plan.tile_size
@@ -179,6 +183,15 @@ def test_across_tiles_kernels_match_the_torch_loop(sizes, tile, generator, devic
     d_local_k, d_a_k = across.adjoint(d_entering, states, exits, plan)
     assert relative_error(d_local_k.view_as(d_local), d_local) < 1e-6
     assert relative_error(d_a_k.view_as(d_a), d_a) < 1e-6
+
+
+def test_tile_readout_needs_sources_for_several_tiles(device):
+    """States stored per exit need the table of which tile each edge enters from; only one tile can go without."""
+    from mdlrnn.kernels import tiles
+
+    rows = tiles.Rows(torch.zeros(1, 2, 4, dtype=torch.int32, device=device), 2, 1, 1, 1, 8)
+    with pytest.raises(ValueError, match="sources"):
+        tiles._border_args(torch.zeros(2, 4, 3, 3, device=device), None, rows)
 
 
 def test_tile_kernels_whole_grid_and_wide_heads(generator, device):

@@ -7,10 +7,10 @@ the same program before a barrier. No program waits for another. Each exit feeds
 of the same index in the next tile along its axis), so the adjoint stores where the torch loop scattered with
 adds, and the gradient of A is summed over feature blocks from per-block partial products.
 
-This replaces mdlrnn.ops.grid.chunk.TorchAcross on the GPU, whose gathers, batched products and copies per
-hyperplane took a third of a 64x64 grid's step (RESULTS.md). No state entering a tile is stored: readers take
-it from the exit states through `sources`. States and their products here are float32 whatever the inputs'
-dtype (see FEATURES).
+For 2D grids this replaces mdlrnn.ops.grid.chunk.TorchAcross (which 3D grids keep), whose gathers, batched
+products and copies per hyperplane took a third of a 64x64 grid's step (RESULTS.md). No state entering a tile is
+stored: readers take it from the exit states through `sources`. States and their products here are float32
+whatever the inputs' dtype (see FEATURES).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _across_adjoint_kernel(D_STATES, D_ENTERING, STATES, X, SOURCE, READ, D_A, N
                            BE: tl.constexpr, BF: tl.constexpr):
     """Tiles in reverse: dC_exit of a tile is complete once the tiles after it are done; dC_enter = d_entering +
     A^T dC_exit goes to the exits it came from. STATES (T, G, E, F): C_exit; D_STATES (T, G, E, F) ends as
-    dLoss/dU (= dC_exit); D_A (F / BF, T, G, BE, BE) gets each feature block's dC_exit C_enter^T. READ (T, E):
+    dLoss/dU (= dC_exit); D_A (cdiv(F, BF), T, G, E, E) gets each feature block's dC_exit C_enter^T. READ (T, E):
     whether a tile reads the exit."""
     g = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -84,7 +84,8 @@ def _across_adjoint_kernel(D_STATES, D_ENTERING, STATES, X, SOURCE, READ, D_A, N
         tl.store(D_STATES + src_row[:, None] * F + feats[None, :], d_in, mask=write[:, None] & f_ok[None, :])
         c = tl.load(STATES + src_row[:, None] * F + feats[None, :], mask=write[:, None] & f_ok[None, :], other=0.0)
         d_a = tl.dot(d_out, tl.trans(c), input_precision="ieee")
-        tl.store(D_A + ((block * NT + t) * G + g) * BE * BE + edges[:, None] * BE + edges[None, :], d_a)
+        tl.store(D_A + ((block * NT + t) * G + g) * E * E + edges[:, None] * E + edges[None, :], d_a,
+                 mask=e_ok[:, None] & e_ok[None, :])
         tl.debug_barrier()  # earlier tiles read the adjoints stored here
 
 
@@ -125,9 +126,9 @@ def adjoint(d_entering: torch.Tensor, exit_states: torch.Tensor, exits: torch.Te
     groups, features = exit_states.shape[0] // tiles, exit_states[0, 0].numel()
     blocks, edges = cdiv(features, FEATURES), max(16, next_power_of_2(border))
     d_local = empty(*exit_states.shape, device=exit_states.device)
-    d_parts = empty(blocks, exit_states.shape[0], edges, edges, device=exit_states.device)
+    d_parts = empty(blocks, exit_states.shape[0], border, border, device=exit_states.device)
     with on_device(exit_states.device):
         _across_adjoint_kernel[(groups, blocks)](
             d_local, d_entering, exit_states, exits, *sources(plan), d_parts, tiles, groups, border, features,
             plan.tile_size, width, BE=edges, BF=FEATURES)
-    return d_local, d_parts.sum(0)[:, :border, :border]
+    return d_local, d_parts.sum(0)

@@ -1,11 +1,12 @@
 """grid_scan on 2D grids as one pair of torch custom ops, mdlrnn::grid_scan_2d and its backward.
 
-The tile path on the tile kernels (mdlrnn.kernels.tiles) with the chain rule written out: transfer, exits,
-the scan across tiles, read-out; and in reverse read-out, across-tiles adjoint, exits and transfer adjoints.
+The tile path on the tile kernels (mdlrnn.kernels.tiles, mdlrnn.kernels.across) with the chain rule written out:
+transfer, exits, the scan across tiles, read-out; and in reverse read-out, across-tiles adjoint, exits and transfer
+adjoints.
 The kernels read q, k, v and the gates where they are, through a table of each tile slot's grid position per
 orientation, and write per-orientation results in place: no gathered or flipped copies. As single ops the index
 plans stay inside them, so torch.compile(fullgraph=True) traces a 2D pLSTM layer without a graph break. The
-backward keeps only the op's inputs and recomputes the scalar weights and the border states entering each tile
+backward keeps only the op's inputs and recomputes the scalar weights and the border states leaving each tile
 (the transfer, the exits and the pass across tiles again): kept, the weights would take a few times P_t floats per
 position and the states E x Dk x Dv floats per tile, orientation and head, each several times the memory of q, k
 and v.
