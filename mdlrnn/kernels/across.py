@@ -33,6 +33,18 @@ FEATURES = 32
 
 
 @triton.jit
+def _tile_border(X, SOURCE, row, t, g, G, E, P, WIDTH, edges, e_ok):
+    """Of tile row `row` (tile t, group g): A (BE, BE), A[e', e] = X[row, e', P + e], what exit e' gets from
+    entering edge e; which edges a state enters (not from outside the grid); and the rows of the exits they come
+    from in a (T, G, E, F) tensor."""
+    a = tl.load(X + (row * E + edges)[:, None] * WIDTH + P + edges[None, :], mask=e_ok[:, None] & e_ok[None, :],
+                other=0.0)
+    src = tl.load(SOURCE + t * E + edges, mask=e_ok, other=-1)
+    enters = src >= 0
+    return a, enters, (tl.where(enters, src, 0).to(tl.int64) * G + g) * E + edges
+
+
+@triton.jit
 def _across_kernel(STATES, X, SOURCE, NT, G, E, F, P, WIDTH, BE: tl.constexpr, BF: tl.constexpr):
     """STATES (T, G, E, F) holds U and becomes C_exit; X (T, G, E, WIDTH) the transfer's exit rows, A in columns
     P:P + E; SOURCE (T, E) the tile each border edge enters from, or -1."""
@@ -44,12 +56,8 @@ def _across_kernel(STATES, X, SOURCE, NT, G, E, F, P, WIDTH, BE: tl.constexpr, B
     for t in range(NT):  # wavefront order: a tile's sources come before it
         row = t * G + g
         own = (row * E + edges)[:, None] * F + feats[None, :]
-        src = tl.load(SOURCE + t * E + edges, mask=e_ok, other=-1)
-        read = src >= 0
-        src_row = (tl.where(read, src, 0).to(tl.int64) * G + g) * E + edges
-        c = tl.load(STATES + src_row[:, None] * F + feats[None, :], mask=read[:, None] & f_ok[None, :], other=0.0)
-        a = tl.load(X + (row * E + edges)[:, None] * WIDTH + P + edges[None, :], mask=e_ok[:, None] & e_ok[None, :],
-                    other=0.0)
+        a, enters, src_row = _tile_border(X, SOURCE, row, t, g, G, E, P, WIDTH, edges, e_ok)
+        c = tl.load(STATES + src_row[:, None] * F + feats[None, :], mask=enters[:, None] & f_ok[None, :], other=0.0)
         u = tl.load(STATES + own, mask=mask, other=0.0)
         tl.store(STATES + own, tl.dot(a, c, u, input_precision="ieee"), mask=mask)
         tl.debug_barrier()  # later tiles read these exits
@@ -75,14 +83,10 @@ def _across_adjoint_kernel(D_STATES, D_ENTERING, STATES, X, SOURCE, READ, D_A, N
         read = tl.load(READ + t * E + edges, mask=e_ok, other=0) != 0
         d_out = tl.load(D_STATES + own, mask=read[:, None] & f_ok[None, :], other=0.0)
         tl.store(D_STATES + own, d_out, mask=(e_ok & ~read)[:, None] & f_ok[None, :])  # zero: no tile reads it
-        a = tl.load(X + (row * E + edges)[:, None] * WIDTH + P + edges[None, :], mask=e_ok[:, None] & e_ok[None, :],
-                    other=0.0)
+        a, enters, src_row = _tile_border(X, SOURCE, row, t, g, G, E, P, WIDTH, edges, e_ok)
         d_in = tl.dot(tl.trans(a), d_out, tl.load(D_ENTERING + own, mask=mask, other=0.0), input_precision="ieee")
-        src = tl.load(SOURCE + t * E + edges, mask=e_ok, other=-1)
-        write = src >= 0
-        src_row = (tl.where(write, src, 0).to(tl.int64) * G + g) * E + edges
-        tl.store(D_STATES + src_row[:, None] * F + feats[None, :], d_in, mask=write[:, None] & f_ok[None, :])
-        c = tl.load(STATES + src_row[:, None] * F + feats[None, :], mask=write[:, None] & f_ok[None, :], other=0.0)
+        tl.store(D_STATES + src_row[:, None] * F + feats[None, :], d_in, mask=enters[:, None] & f_ok[None, :])
+        c = tl.load(STATES + src_row[:, None] * F + feats[None, :], mask=enters[:, None] & f_ok[None, :], other=0.0)
         d_a = tl.dot(d_out, tl.trans(c), input_precision="ieee")
         tl.store(D_A + ((block * NT + t) * G + g) * E * E + edges[:, None] * E + edges[None, :], d_a,
                  mask=e_ok[:, None] & e_ok[None, :])
