@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cdiv, eager_forward, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
+from . import (cdiv, dot_precision, eager_forward, empty, first_order_only, next_power_of_2, on_device, run,
+               unit_last_stride)
 
 
 @triton.jit
@@ -227,11 +228,6 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _precision(q: torch.Tensor) -> str:
-    # float32 inputs: exact float32 products (the CPU bound is 1e-5); half inputs: tf32, well inside their bound
-    return "ieee" if q.dtype == torch.float32 else "tf32"
-
-
 def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tensor, transition: torch.Tensor,
                  mark: torch.Tensor, direct: Optional[torch.Tensor], scale: float, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """y (B, L, H, Dv) float32 and the state entering each chunk (B, H, NC, Dk, Dv) float32.
@@ -244,7 +240,7 @@ def _scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: torch.Tenso
     states = empty(batch, heads, chunks, dk, dv, device=q.device)
     y = empty(batch, length, heads, dv, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
-    precision = _precision(q)
+    precision = dot_precision(q.dtype)
     with on_device(q.device):
         _pass_kernel[(batch * heads, cdiv(dk, bk), cdiv(dv, bv))](
             k, v, transition, source, states, *_strides(k), *_strides(v), length, heads, dk, dv, chunks, scale,
@@ -277,7 +273,7 @@ def _scan_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, source: to
     dy = dy.float().contiguous()
     d_states = empty(*states.shape, device=q.device)
     bk, bv = min(64, _block(dk)), min(64, _block(dv))
-    precision = _precision(q)
+    precision = dot_precision(q.dtype)
     grads = [empty(batch, length, heads, n, device=q.device) for n in (dk, dk, dv)]
     gates = [empty(*source.shape, device=q.device) for _ in range(3)]
     d_direct = empty(*source.shape, device=q.device) if direct is not None else source.new_empty(0)

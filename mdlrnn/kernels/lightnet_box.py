@@ -3,8 +3,8 @@ r"""LightNet's box mode on 2D grids as one custom op pair, mdlrnn::lightnet_box 
 Wherever one reference per key channel is exact (mdlrnn.ops.lightnet.tiles.tiles_fit), the op is box attention
 with the normaliser and rotation of mdlrnn.ops.lightnet.tiles around it, on the Triton kernels of
 mdlrnn.kernels.box_attention (forward one box attention, backward three); otherwise the Triton kernels here: a
-sweep down the rows with the columns side by side. Box attention's products are exact float32 for float32
-inputs and TF32 for half inputs (as in the causal kernels). Its forward saves the weights and their box sums
+sweep down the rows with the columns side by side. Box attention's products take kernels.dot_precision (three
+TF32 products for float32 inputs, TF32 for half ones, as in the causal kernels). Its forward saves the weights and their box sums
 in the op's m and z, so the backward recomputes nothing; eagerly the path is chosen once for forward and
 backward (tiles_fit synchronises with the GPU), under torch.compile by each half of the op alike.
 
@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ..ops.lightnet.tiles import box_terms, lightnet_box_tiles_backward, rotated, tiles_fit
-from . import cdiv, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
+from . import cdiv, dot_precision, empty, first_order_only, next_power_of_2, on_device, run, unit_last_stride
 from .box_attention import box_attention_triton
 
 STATE = 4096  # floats of row state a program holds (channels x values x columns, x2 with angles)
@@ -361,8 +361,8 @@ def _backward_on(q, k, v, angles, m, z, dy, scale: float, tiled: bool) -> list[t
 
 
 def _attention(dtype: torch.dtype):
-    """Box attention on the Triton kernels: exact float32 products for float32 inputs, TF32 for half inputs."""
-    return functools.partial(box_attention_triton, precision="ieee" if dtype == torch.float32 else "tf32")
+    """Box attention on the Triton kernels, its products at `dot_precision`."""
+    return functools.partial(box_attention_triton, precision=dot_precision(dtype))
 
 
 lightnet_box_backward = torch.library.custom_op("mdlrnn::lightnet_box_backward", _backward, mutates_args=(),

@@ -10,7 +10,7 @@ kernels do the rest without materialising anything per (position, border edge, D
 
 Positions inside a tile are in wavefront order, so W[p, s] = 0 for s after p: the readout's loop over
 sources stops at the query block. Products run on tensor cores in the inputs' dtype (float32 inputs: three
-tf32 products, as accurate as float32 ones; see `_precision`), accumulate in float32; weights and states are
+tf32 products, as accurate as float32 ones; see `kernels.dot_precision`), accumulate in float32; weights and states are
 float32, and products with states (or their adjoints) take float32 operands (tf32 for half inputs), which keeps
 bfloat16 gradients of the gates within 1e-2 on 64x64 grids.
 """
@@ -27,7 +27,7 @@ import triton.language as tl
 from ..ops._tables import device_tables
 from ..ops.grid.chunk import TorchTiles
 from ..ops.grid.plan import tile_shape, wavefront
-from . import cdiv, empty, next_power_of_2, on_device, shared_memory
+from . import cdiv, dot_precision, empty, next_power_of_2, on_device, shared_memory
 
 
 @triton.jit
@@ -409,15 +409,6 @@ def _block(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
-def _precision(x: torch.Tensor) -> str:
-    """tl.dot's input precision for products with inputs of x's dtype. Half inputs run on half tensor cores, their
-    products with float32 states on tf32 ones. Float32 inputs take three tf32 products (tf32x3): float32 accuracy
-    on tensor cores (the interpreter's products are exact). On the H200 against exact products on CUDA cores
-    ("ieee"): relative error to float64 about 4e-7 against 1e-7 to 2e-6; grid_scan 2D f+b 6x faster at one tile
-    (24x24 B=16: 5.9 -> 0.96 ms; 20x17 B=3: 1.8 -> 0.29) and 5x with tiles (64x64 B=8: 49.6 -> 9.5 ms)."""
-    return "tf32x3" if x.dtype == torch.float32 else "tf32"
-
-
 class Rows(NamedTuple):
     """Where the kernels' tile rows are. Row r = ((t * O + o) * B + b) * H + h is tile t of orientation o, batch b,
     head h; slot p of it is grid position slots[o, t, p] (-1 in a tile's padding) of tensors laid out
@@ -543,7 +534,7 @@ def readout(q, k, v, weights, states, rows: Rows, scale: float = 1.0, sources=No
         _readout_kernel[(rows.count, cdiv(size, block), cdiv(dv, bv))](
             q, k, v, weights, states, sources, y, rows.slots, *_strides(q), *_strides(k), *_strides(v), scale,
             *rows.args(), rows.positions, size, border, width, dk, dv, BP=block, BS=block, BK=_block(dk), BV=bv,
-            HAS_BORDER=has_border, PRECISION=_precision(q), num_warps=warps, num_stages=_stages(size))
+            HAS_BORDER=has_border, PRECISION=dot_precision(q.dtype), num_warps=warps, num_stages=_stages(size))
     return y
 
 
@@ -557,7 +548,7 @@ def readout_backward(q, k, v, weights, states, dy, rows: Rows, sources=None):
     d_weights = torch.zeros(rows.count, size, width, device=q.device)  # W[p, s] for s after p is never read: zero
     d_entering = empty(rows.count, border, dk, dv, device=q.device) if has_border else None
     states, sources = _border_args(states, sources, rows)
-    blocks, common = cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=_precision(q),
+    blocks, common = cdiv(size, BLOCK_P), dict(BK=_block(dk), BV=_block(dv), PRECISION=dot_precision(q.dtype),
                                                num_stages=_stages(size))
     qkv = (*_strides(q), *_strides(k), *_strides(v))
     bv = min(64, _block(dv))
@@ -574,7 +565,7 @@ def readout_backward(q, k, v, weights, states, dy, rows: Rows, sources=None):
             _outer_sums_kernel[(rows.count, cdiv(border, edges), cdiv(dv, bv))](
                 q, dy, weights[..., size:], d_entering, rows.slots, *_strides(q), *_strides(dy), size * width, 1,
                 width, *rows.args(), size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=edges,
-                PRECISION=_precision(q))
+                PRECISION=dot_precision(q.dtype))
     return dq, dk_, dv_, d_weights, d_entering
 
 
@@ -587,7 +578,7 @@ def exit_states(k, v, exits, rows: Rows) -> torch.Tensor:
     with on_device(k.device):
         _outer_sums_kernel[(rows.count, cdiv(border, edges), cdiv(dv, bv))](
             k, v, exits, u, rows.slots, *_strides(k), *_strides(v), border * width, width, 1, *rows.args(),
-            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=edges, PRECISION=_precision(k))
+            rows.size, border, dk, dv, BS=BLOCK_P, BA=_block(dk), BB=bv, G=edges, PRECISION=dot_precision(k.dtype))
     return u
 
 
@@ -600,7 +591,7 @@ def exits_backward(k, v, exits, du, rows: Rows, dk, dv, d_exits, accumulate: boo
         _exits_backward_kernel[(rows.count, cdiv(rows.size, sources))](
             k, v, exits, du, dk, dv, d_exits, rows.slots, *_strides(k), *_strides(v), *rows.args(),
             rows.positions, rows.size, border, width, k.shape[-1], v.shape[-1], BS=sources, BK=_block(k.shape[-1]),
-            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=_precision(k), num_warps=warps,
+            BV=_block(v.shape[-1]), ACCUMULATE=accumulate, PRECISION=dot_precision(k.dtype), num_warps=warps,
             num_stages=_stages(rows.size))
 
 

@@ -106,7 +106,9 @@ def _causal_fits(mode: str, q: torch.Tensor, channels: int, values: int) -> bool
 def _on_triton(q, k, v, mode: str, scale: float, angles, channels: int):
     """Global mode: its fused reduction (mdlrnn.kernels.lightnet_global); causal mode and box mode along one
     axis: the causal kernels; box mode on other 2D grids: its op (mdlrnn.kernels.lightnet_box)."""
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"  # exact float32 products; tf32 for half inputs
+    from ...kernels import dot_precision
+
+    precision = dot_precision(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         if mode == "global":
             from ...kernels.lightnet_global import lightnet_global_triton
