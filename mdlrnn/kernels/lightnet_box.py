@@ -4,9 +4,9 @@ Wherever one reference per key channel is exact (mdlrnn.ops.lightnet.tiles.tiles
 with the normaliser and rotation of mdlrnn.ops.lightnet.tiles around it, on the Triton kernels of
 mdlrnn.kernels.box_attention (forward one box attention, backward three); otherwise the Triton kernels here: a
 sweep down the rows with the columns side by side. Box attention's products take kernels.dot_precision (three
-TF32 products for float32 inputs, TF32 for half ones, as in the causal kernels). Its forward saves the weights and their box sums
-in the op's m and z, so the backward recomputes nothing; eagerly the path is chosen once for forward and
-backward (tiles_fit synchronises with the GPU), under torch.compile by each half of the op alike.
+TF32 products for float32 inputs, TF32 for half ones, as in the causal kernels). Its forward saves the weights
+and their box sums in the op's m and z, so the backward recomputes nothing; eagerly the path is chosen once for
+forward and backward (tiles_fit synchronises with the GPU), under torch.compile by each half of the op alike.
 
 The sweeps. Per key channel c, y_p = scale sum_c q_p[c] N_p[c] / Z_p[c] with N_p = sum_{s<=p} e^{k_s} v_s and
 Z_p = sum_{s<=p} e^{k_s} over the box s <= p on both axes. Each program owns one (batch, head), a block of

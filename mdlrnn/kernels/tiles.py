@@ -10,9 +10,9 @@ kernels do the rest without materialising anything per (position, border edge, D
 
 Positions inside a tile are in wavefront order, so W[p, s] = 0 for s after p: the readout's loop over
 sources stops at the query block. Products run on tensor cores in the inputs' dtype (float32 inputs: three
-tf32 products, as accurate as float32 ones; see `kernels.dot_precision`), accumulate in float32; weights and states are
-float32, and products with states (or their adjoints) take float32 operands (tf32 for half inputs), which keeps
-bfloat16 gradients of the gates within 1e-2 on 64x64 grids.
+tf32 products, as accurate as float32 ones; see `kernels.dot_precision`), accumulate in float32; weights and
+states are float32, and products with states (or their adjoints) take float32 operands (tf32 for half inputs),
+which keeps bfloat16 gradients of the gates within 1e-2 on 64x64 grids.
 """
 
 from __future__ import annotations
