@@ -66,7 +66,8 @@ def dot_precision(dtype: torch.dtype) -> str:
     products with float32 states on tf32 ones. Float32 inputs take three tf32 products (tf32x3): float32 accuracy
     on tensor cores (the interpreter's products are exact). On the H200 against exact products on CUDA cores
     ("ieee"), f+b: relative error to float64 about 4e-7 either way; grid_scan 2D 5-6x faster (24x24 B=16: 5.9 ->
-    0.96 ms; 64x64 B=8: 49.6 -> 9.5), 1D 5x (L=4096 B=4: 8.3 -> 1.7), LightNet box 1.6x (64x64 B=8: 2.9 -> 1.9)."""
+    0.96 ms; 64x64 B=8: 49.6 -> 9.5), 1D 5x (L=4096 B=4: 8.40 -> 1.68), LightNet causal and box 1.6x (64x64 B=8:
+    1.62 -> 1.00, 2.95 -> 1.90), global mode the same (RESULTS.md, tenth session)."""
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
